@@ -1,0 +1,12 @@
+"""dsv3_jax: DeepSeek-V3 in JAX / Flax NNX.
+
+Einsum glossary (one meaning per letter across the package): b batch, s query positions,
+t key/cache positions, d hidden_size, h heads, n qk_nope_head_dim, r qk_rope_head_dim, v v_head_dim,
+q q_lora_rank, c kv_lora_rank, e routed experts, k experts per token, g expert groups,
+f MLP/expert width, l layers (scan axis), w vocabulary.
+"""
+
+from dsv3_jax.config import ModelConfig, RopeScaling
+from dsv3_jax.model import DeepseekV3, count_params
+
+__all__ = ["DeepseekV3", "ModelConfig", "RopeScaling", "count_params"]

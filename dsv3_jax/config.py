@@ -1,0 +1,276 @@
+"""ModelConfig: one frozen dataclass with the HF ``config.json`` field names of DeepSeek-V3.
+
+Built from Python (``configs/*.py``) or from an HF ``config.json`` with :meth:`ModelConfig.from_hf`,
+which reads both the official checkpoint's ``rope_scaling`` and transformers 5.x's
+``rope_parameters``. Every instance validates itself and raises ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+_ROPE_TYPES = ("default", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN parameters (``rope_scaling`` of the official config.json; DeepSeek-V2 report App. B).
+
+    ``factor`` None means max_position_embeddings / original_max_position_embeddings (as HF does).
+    ``attention_factor`` None means HF's rule: mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    when both are set, else mscale(factor, 1); it multiplies cos and sin.
+    """
+
+    rope_type: str = "yarn"
+    factor: float | None = None
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """DeepSeek-V3 hyper-parameters, named as in the official/HF ``config.json``.
+
+    Defaults are the 671B model (report section 4.2 and the checkpoint's config.json). Non-HF fields
+    (``dtype``, ``param_dtype``, ``remat``) only steer this implementation.
+
+    Raises:
+      ValueError: naming the field, for any inconsistent or unsupported value (see ``validate``).
+    """
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    first_k_dense_replace: int = 3
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = RopeScaling(
+        factor=40.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0
+    )
+    rope_interleave: bool = True
+    rms_norm_eps: float = 1e-6
+    num_nextn_predict_layers: int = 1
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    initializer_range: float = 0.006
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    # Implementation knobs (not in config.json).
+    dtype: str = "float32"  # computation dtype: "float32" for parity, "bfloat16" for training
+    param_dtype: str = "float32"
+    remat: bool = False  # rematerialise each decoder layer in the backward pass
+    moe_impl: str = "auto"  # grouped matmul: "ragged" (lax.ragged_dot), "blocked" (CPU), "auto"
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.first_k_dense_replace
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    def replace(self, **kwargs) -> ModelConfig:
+        return dataclasses.replace(self, **kwargs)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "n_routed_experts", "num_experts_per_tok",
+            "n_group", "topk_group", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+            "v_head_dim", "max_position_embeddings",
+        ]  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be a non-negative int, got {value!r}")
+        if self.q_lora_rank is not None and (
+            not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0
+        ):
+            raise ValueError(f"ModelConfig.q_lora_rank must be a positive int or None, got {self.q_lora_rank!r}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"ModelConfig.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(
+                f"ModelConfig.n_routed_experts ({self.n_routed_experts}) must be divisible by "
+                f"n_group ({self.n_group})"
+            )
+        if self.topk_group > self.n_group:
+            raise ValueError(
+                f"ModelConfig.topk_group ({self.topk_group}) must be <= n_group ({self.n_group})"
+            )
+        per_group = self.n_routed_experts // self.n_group
+        if self.num_experts_per_tok > self.topk_group * per_group:
+            raise ValueError(
+                f"ModelConfig.num_experts_per_tok ({self.num_experts_per_tok}) must be <= topk_group * "
+                f"n_routed_experts / n_group = {self.topk_group * per_group}"
+            )
+        if self.n_group > 1 and per_group < 2:
+            raise ValueError(
+                f"ModelConfig.n_group ({self.n_group}) leaves fewer than 2 experts per group; "
+                "group scores sum each group's top-2 experts"
+            )
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ValueError(
+                f"ModelConfig.first_k_dense_replace ({self.first_k_dense_replace}) must be <= "
+                f"num_hidden_layers ({self.num_hidden_layers})"
+            )
+        if self.scoring_func != "sigmoid":
+            raise ValueError(
+                f"ModelConfig.scoring_func {self.scoring_func!r} is not supported (only 'sigmoid', "
+                "DeepSeek-V3)"
+            )
+        if self.topk_method != "noaux_tc":
+            raise ValueError(
+                f"ModelConfig.topk_method {self.topk_method!r} is not supported (only 'noaux_tc', "
+                "DeepSeek-V3)"
+            )
+        if self.hidden_act != "silu":
+            raise ValueError(f"ModelConfig.hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.attention_bias:
+            raise ValueError("ModelConfig.attention_bias=True is not supported (DeepSeek-V3 has none)")
+        if self.tie_word_embeddings:
+            raise ValueError("ModelConfig.tie_word_embeddings=True is not supported (V3 is untied)")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            if rs.rope_type not in _ROPE_TYPES:
+                raise ValueError(
+                    f"ModelConfig.rope_scaling.rope_type {rs.rope_type!r} is unknown; supported: "
+                    f"{_ROPE_TYPES}"
+                )
+            if rs.factor is not None and not rs.factor > 0:
+                raise ValueError(f"ModelConfig.rope_scaling.factor must be > 0, got {rs.factor!r}")
+            if rs.original_max_position_embeddings <= 0:
+                raise ValueError(
+                    "ModelConfig.rope_scaling.original_max_position_embeddings must be > 0, got "
+                    f"{rs.original_max_position_embeddings!r}"
+                )
+        if self.moe_impl not in ("auto", "ragged", "blocked"):
+            raise ValueError(
+                f"ModelConfig.moe_impl must be 'auto', 'ragged' or 'blocked', got {self.moe_impl!r}"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(
+                    f"ModelConfig.{name} must be 'float32', 'bfloat16' or 'float16', "
+                    f"got {getattr(self, name)!r}"
+                )
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> ModelConfig:
+        """Builds a config from an HF ``config.json`` (a path, its directory, or the parsed dict).
+
+        Reads ``rope_scaling`` (official checkpoint; ``type`` or ``rope_type``) and transformers 5.x
+        ``rope_parameters`` (``rope_type``, ``rope_theta`` inside). Unknown keys are ignored;
+        ``overrides`` set implementation fields (e.g. ``dtype="bfloat16"``).
+
+        Raises:
+          FileNotFoundError: no config.json at the path.
+          ValueError: an unsupported or inconsistent field (named in the message).
+        """
+        if isinstance(path_or_dict, Mapping):
+            raw = dict(path_or_dict)
+        else:
+            path = os.fspath(path_or_dict)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no HF config.json at {path}")
+            with open(path) as f:
+                raw = json.load(f)
+        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling"}
+        kwargs = {k: v for k, v in raw.items() if k in fields}
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling")
+        if rope is not None and not isinstance(rope, Mapping):
+            raise ValueError(f"ModelConfig.rope_scaling must be a mapping, got {rope!r}")
+        rope = dict(rope or {})
+        if "rope_theta" in rope:
+            kwargs["rope_theta"] = rope.pop("rope_theta")
+        rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+        rope.pop("type", None)
+        if rope_type == "default":
+            kwargs["rope_scaling"] = None
+        else:
+            known = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
+            kwargs["rope_scaling"] = RopeScaling(
+                rope_type=rope_type, **{k: v for k, v in rope.items() if k in known}
+            )
+        for key in ("rope_interleave",):
+            if raw.get(key) is None:
+                kwargs.pop(key, None)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config as an official-style HF ``config.json`` dict (``rope_scaling`` form)."""
+        out = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("rope_scaling", "dtype", "param_dtype", "remat", "moe_impl")
+        }
+        if self.rope_scaling is None:
+            out["rope_scaling"] = None
+        else:
+            rs = dataclasses.asdict(self.rope_scaling)
+            rs["type"] = rs.pop("rope_type")
+            out["rope_scaling"] = {k: v for k, v in rs.items() if v is not None}
+        out.update(
+            architectures=["DeepseekV3ForCausalLM"],
+            model_type="deepseek_v3",
+            num_key_value_heads=self.num_attention_heads,
+        )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields (implementation knobs included), JSON-serialisable; inverse of from_dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+

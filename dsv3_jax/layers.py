@@ -1,0 +1,93 @@
+"""Building blocks shared by every module: the one linear helper, RMSNorm, embedding, SwiGLU MLP.
+
+Every parameter is created here with its logical axis names (``out_sharding`` metadata: embed, vocab,
+heads, q_lora, kv_lora, mlp, experts; ``layers`` is added by the layer scan). A later issue maps the
+names to a device mesh. Kernels are stored [in, out] (HF stores [out, in]; conversion transposes).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def linear(x: jax.Array, kernel: jax.Array, dtype: jnp.dtype, out_dtype=None) -> jax.Array:
+    """x @ kernel in ``dtype`` with float32 accumulation: the single swap point for FP8 GEMMs.
+
+    Args:
+      x: [..., in]. kernel: [in, out]. dtype: computation dtype. out_dtype: result dtype
+        (default ``dtype``).
+    Returns:
+      [..., out].
+    """
+    y = jnp.einsum(
+        "...i,io->...o", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32
+    )
+    return y.astype(dtype if out_dtype is None else out_dtype)
+
+
+def param(rngs: nnx.Rngs, shape, axes, config: ModelConfig, init=None) -> nnx.Param:
+    """A parameter with its logical axis names; normal(initializer_range) unless ``init`` given."""
+    if init is None:
+        init = jax.nn.initializers.normal(config.initializer_range)
+    value = init(rngs.params(), shape, dtype_of(config.param_dtype))
+    return nnx.Param(value, out_sharding=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """Bias-free projection, kernel [in, out] with logical axes ``axes``."""
+
+    def __init__(self, in_features: int, out_features: int, axes, config: ModelConfig, *, rngs):
+        self.kernel = param(rngs, (in_features, out_features), axes, config)
+        self.dtype = dtype_of(config.dtype)
+
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        return linear(x, self.kernel[...], self.dtype, out_dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32: x / sqrt(mean(x^2) + eps) * weight (HF DeepseekV3RMSNorm)."""
+
+    def __init__(self, dim: int, axis: str, config: ModelConfig, eps: float | None = None):
+        self.weight = nnx.Param(
+            jnp.ones((dim,), dtype_of(config.param_dtype)), out_sharding=(axis,)
+        )
+        self.eps = config.rms_norm_eps if eps is None else eps
+        self.dtype = dtype_of(config.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before the weight multiply.
+        return (self.weight[...].astype(jnp.float32) * xf.astype(x.dtype)).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding [vocab_size, hidden_size]."""
+
+    def __init__(self, config: ModelConfig, *, rngs):
+        self.embedding = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
+        self.dtype = dtype_of(config.dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)  # [b, s, d]
+
+
+class MLP(nnx.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)) (dense layers and shared experts)."""
+
+    def __init__(self, config: ModelConfig, intermediate_size: int, *, rngs):
+        d, f = config.hidden_size, intermediate_size
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), config, rngs=rngs)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), config, rngs=rngs)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), config, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

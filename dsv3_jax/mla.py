@@ -1,0 +1,146 @@
+"""Multi-head Latent Attention (DeepSeek-V2 report section 2.1; V3 section 2.1.1, eqs. 1-11).
+
+Glossary: b batch, s query positions, t key/cache positions, d hidden_size, h heads,
+n qk_nope_head_dim, r qk_rope_head_dim, v v_head_dim, q q_lora_rank, c kv_lora_rank.
+
+  q        = q_b(RMSNorm(q_a(x)))  (or q_proj(x) when q_lora_rank is None)   -> [q_nope ; q_rope]
+  [c; k_r] = kv_a_proj_with_mqa(x);  c = RMSNorm(c)                            (the cached latent)
+  [k_n; v] = kv_b(c)                                                           (per head)
+  key      = [k_n ; rope(k_r)]  (one rope key shared by all heads),  value = v
+
+The cache holds only c (after its norm) and the roped k_r: (c + r) numbers per token per layer.
+This file runs the naive form (kv_b expanded over the keys); absorbed decode comes later.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax import rope
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Linear, RMSNorm, dtype_of
+
+
+# The latent norms use RMSNorm's default eps whatever rms_norm_eps says (official model.py and HF).
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentCache(NamedTuple):
+    """Per-layer latent KV cache. c_kv: [b, t, c] (normed); k_rope: [b, t, r] (roped)."""
+
+    c_kv: jax.Array
+    k_rope: jax.Array
+
+
+def write_cache(cache: LatentCache, c_kv: jax.Array, k_rope: jax.Array, start: jax.Array) -> LatentCache:
+    """Writes [b, s, .] entries at cache slots start[b] .. start[b] + s - 1 of each row."""
+
+    def one(buf, new, i):
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (i, 0))
+
+    return LatentCache(
+        jax.vmap(one)(cache.c_kv, c_kv, start), jax.vmap(one)(cache.k_rope, k_rope, start)
+    )
+
+
+class MLA(nnx.Module):
+    """MLA self-attention with an optional latent cache."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, h = config.hidden_size, config.num_attention_heads
+        n, r, v, c = (
+            config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, config.kv_lora_rank,
+        )  # fmt: skip
+        if config.q_lora_rank is None:
+            self.q_proj = Linear(d, h * (n + r), ("embed", "heads"), config, rngs=rngs)
+        else:
+            q = config.q_lora_rank
+            self.q_a_proj = Linear(d, q, ("embed", "q_lora"), config, rngs=rngs)
+            self.q_a_layernorm = RMSNorm(q, "q_lora", config, eps=LATENT_NORM_EPS)
+            self.q_b_proj = Linear(q, h * (n + r), ("q_lora", "heads"), config, rngs=rngs)
+        self.kv_a_proj_with_mqa = Linear(d, c + r, ("embed", "kv_lora"), config, rngs=rngs)
+        self.kv_a_layernorm = RMSNorm(c, "kv_lora", config, eps=LATENT_NORM_EPS)
+        self.kv_b_proj = Linear(c, h * (n + v), ("kv_lora", "heads"), config, rngs=rngs)
+        self.o_proj = Linear(h * v, d, ("heads", "embed"), config, rngs=rngs)
+
+    def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        cfg = self.config
+        return rope.apply_rope(
+            x, positions, rope.rope_inv_freq(cfg), rope.rope_attention_factor(cfg), cfg.rope_interleave
+        )
+
+    def latent(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [b, s, d] -> (c_kv [b, s, c] normed, k_rope [b, s, r] roped): what the cache stores."""
+        cfg = self.config
+        kv = self.kv_a_proj_with_mqa(x)  # [b, s, c + r]
+        c_kv = self.kv_a_layernorm(kv[..., : cfg.kv_lora_rank])
+        k_rope = self._rope(kv[..., None, cfg.kv_lora_rank :], positions)[:, :, 0]  # [b, s, r]
+        return c_kv, k_rope
+
+    def queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [b, s, d] -> (q_nope [b, s, h, n], q_rope [b, s, h, r] roped)."""
+        cfg = self.config
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(*x.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)  # [b, s, h, n + r]
+        q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
+        q_rope = self._rope(q_rope, positions)
+        return q_nope, q_rope
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None
+    ) -> tuple[jax.Array, LatentCache | None]:
+        """Causal MLA.
+
+        Args:
+          x: [b, s, d] hidden states (computation dtype).
+          positions: int32 [b, s] absolute positions; with a cache they must be consecutive per row
+            (row b is written at slots positions[b, 0] ..).
+          cache: optional LatentCache with t slots; keys are then every slot t' <= the query position.
+
+        Returns:
+          ([b, s, d], the updated cache or None).
+        """
+        cfg = self.config
+        with jax.named_scope("q_proj"):
+            q_nope, q_rope = self.queries(x, positions)
+        with jax.named_scope("kv_latent"):
+            c_kv, k_rope = self.latent(x, positions)
+        if cache is not None:
+            cache = write_cache(cache, c_kv, k_rope, positions[:, 0])
+            c_kv, k_rope = cache.c_kv.astype(x.dtype), cache.k_rope.astype(x.dtype)
+            key_pos = jnp.broadcast_to(jnp.arange(c_kv.shape[1]), c_kv.shape[:2])  # [b, t]
+        else:
+            key_pos = positions
+        with jax.named_scope("kv_expand"):
+            kv = self.kv_b_proj(c_kv).reshape(
+                *c_kv.shape[:2], cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim
+            )  # [b, t, h, n + v]
+            k_nope, value = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
+        with jax.named_scope("attention"):
+            f32 = jnp.float32
+            scores = jnp.einsum("bshn,bthn->bhst", q_nope, k_nope, preferred_element_type=f32)
+            scores += jnp.einsum("bshr,btr->bhst", q_rope, k_rope, preferred_element_type=f32)
+            scores *= rope.softmax_scale(cfg)
+            mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # [b, 1, s, t]
+            scores = jnp.where(mask, scores, jnp.finfo(f32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+            out = jnp.einsum("bhst,bthv->bshv", probs, value)  # [b, s, h, v]
+        out = self.o_proj(out.reshape(*x.shape[:2], -1))  # [b, s, d]
+        return out, cache
+
+
+def init_cache(config: ModelConfig, num_layers: int, batch: int, max_len: int, dtype=None) -> LatentCache:
+    """Zero cache for ``num_layers`` stacked layers: c_kv [l, b, t, c], k_rope [l, b, t, r]."""
+    dtype = dtype_of(config.dtype) if dtype is None else dtype
+    return LatentCache(
+        jnp.zeros((num_layers, batch, max_len, config.kv_lora_rank), dtype),
+        jnp.zeros((num_layers, batch, max_len, config.qk_rope_head_dim), dtype),
+    )

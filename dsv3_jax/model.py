@@ -1,0 +1,224 @@
+"""The DeepSeek-V3 causal LM (V3 report section 2): decoder layers, layer scans, MTP, parameter counts.
+
+Glossary: b batch, s positions, d hidden_size, w vocabulary, l layers (scan axis).
+
+The first ``first_k_dense_replace`` layers (dense SwiGLU) and the remaining MoE layers are two
+stacks of identical layers, each created with ``nnx.vmap`` (logical axis ``layers`` first) and run
+with ``jax.lax.scan``, so 61 layers compile as two bodies.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import MLP, Embed, Linear, RMSNorm, linear
+from dsv3_jax.mla import MLA, LatentCache, init_cache
+from dsv3_jax.moe import MoE
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: h += MLA(norm(h)); h += FFN(norm(h)) with FFN dense SwiGLU or DeepSeekMoE."""
+
+    def __init__(self, config: ModelConfig, moe: bool, *, rngs: nnx.Rngs):
+        d = config.hidden_size
+        self.input_layernorm = RMSNorm(d, "embed", config)
+        self.self_attn = MLA(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(d, "embed", config)
+        self.mlp = MoE(config, rngs=rngs) if moe else MLP(config, config.intermediate_size, rngs=rngs)
+
+    def __call__(self, h, positions, cache: LatentCache | None = None):
+        """h [b, s, d] -> (h [b, s, d], aux dict (MoE: load [e], balance []), cache)."""
+        attn, cache = self.self_attn(self.input_layernorm(h), positions, cache)
+        h = h + attn
+        ffn = self.mlp(self.post_attention_layernorm(h))
+        ffn, aux = ffn if isinstance(ffn, tuple) else (ffn, {})
+        return h + ffn, aux, cache
+
+
+def _stack(config: ModelConfig, moe: bool, n: int, rngs: nnx.Rngs) -> DecoderLayer:
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(r: nnx.Rngs) -> DecoderLayer:
+        return DecoderLayer(config, moe, rngs=r)
+
+    return create(rngs.split(n))
+
+
+def _run_stack(layers: DecoderLayer, h, positions, cache, remat: bool):
+    """Scans ``h`` through a stack of layers; cache leaves carry a leading [l] axis."""
+    graphdef, state = nnx.split(layers)
+
+    def body(h, xs):
+        layer_state, layer_cache = xs
+        h, aux, layer_cache = nnx.merge(graphdef, layer_state)(h, positions, layer_cache)
+        return h, (aux, layer_cache)
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    h, (aux, cache) = jax.lax.scan(body, h, (state, cache))
+    return h, aux, cache
+
+
+class MTPModule(nnx.Module):
+    """Multi-token prediction module k (V3 report section 2.2, eq. 21-23).
+
+    h'_t = eh_proj([enorm(Emb(x_{t+k})) ; hnorm(h^{k-1}_t)])   (embedding first, as stored)
+    h^k  = block(h');  logits = head(shared_head.norm(h^k)), with the main model's Emb and head.
+
+    h^0 is the main model's last hidden state AFTER its final norm, as vLLM and SGLang feed the
+    official MTP weights (the report leaves it open; the checkpoint was trained to be served so).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d = config.hidden_size
+        self.enorm = RMSNorm(d, "embed", config)
+        self.hnorm = RMSNorm(d, "embed", config)
+        self.eh_proj = Linear(2 * d, d, ("mtp_concat", "embed"), config, rngs=rngs)
+        self.block = DecoderLayer(config, moe=True, rngs=rngs)  # layer index >= first_k_dense_replace
+        self.shared_head_norm = RMSNorm(d, "embed", config)
+
+    def __call__(self, h_prev, emb_next, positions):
+        """h_prev [b, s, d] and emb_next = Emb(x_{t+k}) [b, s, d] -> (h^k, aux)."""
+        x = jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1)  # [b, s, 2d]
+        h, aux, _ = self.block(self.eh_proj(x), positions)
+        return h, aux
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # float32 [b, s, w]
+    hidden: jax.Array  # [b, s, d] after the final norm (h^0 of MTP)
+    aux: dict  # per MoE layer: load [l, e], balance [l]
+    cache: dict | None  # {"dense": LatentCache, "moe": LatentCache} with leading [l]
+
+
+class DeepseekV3(nnx.Module):
+    """DeepSeek-V3 for causal LM, with optional MTP modules.
+
+    Args:
+      config: the ModelConfig.
+      rngs: parameter initialisation keys.
+      mtp: build the ``num_nextn_predict_layers`` MTP modules (False: main model only).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, mtp: bool = True):
+        self.config = config
+        with nnx.use_eager_sharding(False):  # a mesh is applied by the sharding layer, not here
+            self.embed_tokens = Embed(config, rngs=rngs)
+            n_dense, n_moe = config.num_dense_layers, config.num_moe_layers
+            self.dense_layers = _stack(config, False, n_dense, rngs) if n_dense else None
+            self.moe_layers = _stack(config, True, n_moe, rngs) if n_moe else None
+            self.norm = RMSNorm(config.hidden_size, "embed", config)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), config, rngs=rngs)
+            n_mtp = config.num_nextn_predict_layers if mtp else 0
+            self.mtp = nnx.List([MTPModule(config, rngs=rngs) for _ in range(n_mtp)])
+
+    @property
+    def num_mtp(self) -> int:
+        return len(self.mtp)
+
+    # ------------------------------------------------------------------ public call
+    def __call__(self, input_ids, *, return_mtp: bool = False):
+        """Main logits of a batch of token ids.
+
+        Args:
+          input_ids: int [b, s], ids in [0, vocab_size).
+          return_mtp: also return the MTP logits, a list over depths k = 1..D of float32
+            [b, s - k, w] where row t predicts token t + k + 1 from tokens up to t + k.
+
+        Returns:
+          float32 [b, s, w] logits (and the MTP list when asked).
+
+        Raises:
+          ValueError: ids not int [b, s], or outside [0, vocab_size) (checked before compiling).
+        """
+        check_input_ids(input_ids, self.config.vocab_size)
+        out = self.forward(input_ids)
+        if not return_mtp:
+            return out.logits
+        if not self.num_mtp:
+            raise ValueError("this model has no MTP modules (loaded without MTP weights)")
+        return out.logits, self.mtp_forward(input_ids, out.hidden)[0]
+
+    # ------------------------------------------------------------------ jittable pieces
+    def forward(self, input_ids, positions=None, cache: dict | None = None) -> ModelOutput:
+        """Main model. input_ids int [b, s]; positions int [b, s] (default 0..s-1); optional cache."""
+        cfg = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        h = self.embed_tokens(input_ids)  # [b, s, d]
+        cache = cache or {}
+        new_cache, aux = {}, {}
+        for name, layers in (("dense", self.dense_layers), ("moe", self.moe_layers)):
+            if layers is None:
+                continue
+            h, layer_aux, new_cache[name] = _run_stack(layers, h, positions, cache.get(name), cfg.remat)
+            if name == "moe":
+                aux = layer_aux
+        hidden = self.norm(h)
+        logits = self.lm_head(hidden, out_dtype=jnp.float32)  # [b, s, w]
+        return ModelOutput(logits, hidden, aux, new_cache if cache else None)
+
+    def mtp_forward(self, input_ids, hidden) -> tuple[list, list]:
+        """MTP depths 1..D (training form, no cache).
+
+        Args:
+          input_ids: int [b, s] (the main model's inputs). hidden: [b, s, d] main hidden after norm.
+        Returns:
+          (logits list of float32 [b, s - k, w]; aux list of {load [e], balance []}).
+        """
+        logits, auxes = [], []
+        h, s = hidden, input_ids.shape[1]
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), input_ids.shape)
+        for k, module in enumerate(self.mtp, start=1):
+            h = h[:, : s - k]
+            emb = self.embed_tokens(input_ids[:, k:])  # Emb(x_{t+k}) for t < s - k
+            h, aux = module(h, emb, positions[:, : s - k])
+            logits.append(linear(module.shared_head_norm(h), self.lm_head.kernel[...], h.dtype, jnp.float32))
+            auxes.append(aux)
+        return logits, auxes
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        """Empty latent cache for every layer (see mla.LatentCache)."""
+        cfg = self.config
+        cache = {}
+        if cfg.num_dense_layers:
+            cache["dense"] = init_cache(cfg, cfg.num_dense_layers, batch, max_len, dtype)
+        if cfg.num_moe_layers:
+            cache["moe"] = init_cache(cfg, cfg.num_moe_layers, batch, max_len, dtype)
+        return cache
+
+
+def check_input_ids(input_ids, vocab_size: int) -> None:
+    """Raises ValueError for ids that are not int [b, s] in [0, vocab_size) (skipped under tracing)."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be an int array [batch, seq], got {ids.dtype} {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = np.unique(ids[(ids < 0) | (ids >= vocab_size)])[:10]
+        raise ValueError(f"input_ids outside [0, vocab_size={vocab_size}): {bad.tolist()}")
+
+
+def count_params(config: ModelConfig) -> tuple[int, int]:
+    """(total, activated per token) parameters of the main model, from abstract shapes.
+
+    MTP modules are not counted (they add about 11.5B for V3). Activated = total minus the routed
+    experts a token does not use: (n_routed_experts - num_experts_per_tok) / n_routed_experts of
+    each MoE layer's routed-expert weights. The correction bias is a buffer, not a parameter.
+    For the 671B config: about 671B total and 37B activated (V3 report, section 1).
+    """
+    abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=False))
+    params = nnx.state(abstract, nnx.Param)
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    moe = params["moe_layers"]["mlp"] if config.num_moe_layers else None
+    routed = 0
+    if moe is not None:
+        routed = sum(int(np.prod(moe[n].shape)) for n in ("gate_proj", "up_proj", "down_proj"))
+    inactive = routed * (config.n_routed_experts - config.num_experts_per_tok) // config.n_routed_experts
+    return total, total - inactive
