@@ -6,7 +6,19 @@ q q_lora_rank, c kv_lora_rank, e routed experts, k experts per token, g expert g
 f MLP/expert width, l layers (scan axis), w vocabulary.
 """
 
+from dsv3_jax.checkpoint import load_checkpoint
 from dsv3_jax.config import ModelConfig, RopeScaling
+from dsv3_jax.hf_io import CheckpointError, load_hf_checkpoint
 from dsv3_jax.model import DeepseekV3, count_params
+from dsv3_jax.sampling import generate
 
-__all__ = ["DeepseekV3", "ModelConfig", "RopeScaling", "count_params"]
+__all__ = [
+    "CheckpointError",
+    "DeepseekV3",
+    "ModelConfig",
+    "RopeScaling",
+    "count_params",
+    "generate",
+    "load_checkpoint",
+    "load_hf_checkpoint",
+]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from typing import Callable
 
 import jax
@@ -250,8 +251,13 @@ def _shape_problems(table, flat, files: SafetensorsDir) -> list[str]:
     for p, (reader, hf) in table.items():
         try:
             got = jax.eval_shape(lambda reader=reader: reader(fake_get)).shape
-        except (ValueError, TypeError) as err:  # e.g. stacking experts of different shapes
-            out.append(f"{hf[0]}...: {err}")
+        except (ValueError, TypeError):  # stacked tensors (layers, experts) of different shapes
+            shapes = [files.shape_of[n] for n in hf]
+            usual = Counter(shapes).most_common(1)[0][0]
+            out += [
+                f"shape mismatch for {n}: file has {shape}, its {len(hf) - 1} siblings have {usual}"
+                for n, shape in zip(hf, shapes) if shape != usual
+            ]
             continue
         want = flat[p].shape
         if tuple(got) != tuple(want):

@@ -27,10 +27,10 @@ def linear(x: jax.Array, kernel: jax.Array, dtype: jnp.dtype, out_dtype=None) ->
     Returns:
       [..., out].
     """
-    y = jnp.einsum(
-        "...i,io->...o", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32
-    )
-    return y.astype(dtype if out_dtype is None else out_dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).astype(dtype)  # 2-D keeps XLA:CPU from transposing dW inputs
+    y = jnp.dot(x2, kernel.astype(dtype), preferred_element_type=jnp.float32)
+    return y.astype(dtype if out_dtype is None else out_dtype).reshape(*lead, kernel.shape[-1])
 
 
 def param(rngs: nnx.Rngs, shape, axes, config: ModelConfig, init=None) -> nnx.Param:
@@ -38,7 +38,12 @@ def param(rngs: nnx.Rngs, shape, axes, config: ModelConfig, init=None) -> nnx.Pa
     if init is None:
         init = jax.nn.initializers.normal(config.initializer_range)
     value = init(rngs.params(), shape, dtype_of(config.param_dtype))
-    return nnx.Param(value, out_sharding=tuple(axes))
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=eager_sharding())
+
+
+def eager_sharding() -> bool:
+    """Shard variables as they are created only when a mesh is in context (``jax.set_mesh``)."""
+    return nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
 
 
 class Linear(nnx.Module):
@@ -57,7 +62,8 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, axis: str, config: ModelConfig, eps: float | None = None):
         self.weight = nnx.Param(
-            jnp.ones((dim,), dtype_of(config.param_dtype)), out_sharding=(axis,)
+            jnp.ones((dim,), dtype_of(config.param_dtype)), out_sharding=(axis,),
+            eager_sharding=eager_sharding(),
         )
         self.eps = config.rms_norm_eps if eps is None else eps
         self.dtype = dtype_of(config.dtype)

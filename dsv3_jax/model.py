@@ -107,15 +107,14 @@ class DeepseekV3(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, mtp: bool = True):
         self.config = config
-        with nnx.use_eager_sharding(False):  # a mesh is applied by the sharding layer, not here
-            self.embed_tokens = Embed(config, rngs=rngs)
-            n_dense, n_moe = config.num_dense_layers, config.num_moe_layers
-            self.dense_layers = _stack(config, False, n_dense, rngs) if n_dense else None
-            self.moe_layers = _stack(config, True, n_moe, rngs) if n_moe else None
-            self.norm = RMSNorm(config.hidden_size, "embed", config)
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), config, rngs=rngs)
-            n_mtp = config.num_nextn_predict_layers if mtp else 0
-            self.mtp = nnx.List([MTPModule(config, rngs=rngs) for _ in range(n_mtp)])
+        self.embed_tokens = Embed(config, rngs=rngs)
+        n_dense, n_moe = config.num_dense_layers, config.num_moe_layers
+        self.dense_layers = _stack(config, False, n_dense, rngs) if n_dense else None
+        self.moe_layers = _stack(config, True, n_moe, rngs) if n_moe else None
+        self.norm = RMSNorm(config.hidden_size, "embed", config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), config, rngs=rngs)
+        n_mtp = config.num_nextn_predict_layers if mtp else 0
+        self.mtp = nnx.List([MTPModule(config, rngs=rngs) for _ in range(n_mtp)])
 
     @property
     def num_mtp(self) -> int:

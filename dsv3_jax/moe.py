@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import MLP, dtype_of, param
+from dsv3_jax.layers import MLP, dtype_of, eager_sharding, param
 
 
 class ExpertBias(nnx.Variable):
@@ -173,7 +173,8 @@ class Router(nnx.Module):
             config.replace(param_dtype="float32"),
         )
         self.e_score_correction_bias = ExpertBias(
-            jnp.zeros((config.n_routed_experts,), jnp.float32), out_sharding=("experts",)
+            jnp.zeros((config.n_routed_experts,), jnp.float32), out_sharding=("experts",),
+            eager_sharding=eager_sharding(),
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:

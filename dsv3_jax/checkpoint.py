@@ -1,0 +1,108 @@
+"""Orbax checkpoints of a training run: model state, optimizer state, data iterator, metadata.
+
+Layout: ``<workdir>/checkpoints/<step>/{model,opt,data,meta}``. ``meta`` (JSON) holds the model
+config and, for compact-vocabulary runs, the original token id of each model id, so a checkpoint
+alone is enough to sample from it. Orbax writes each step to a temporary folder and renames it
+when complete, so a killed run never leaves a step that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import DeepseekV3
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> str:
+    return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+
+
+def make_manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers={
+            "model": ocp.StandardCheckpointHandler(),
+            "opt": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
+    )
+
+
+def save(manager, step: int, model_state: nnx.State, opt_state, data_iter, meta: dict) -> None:
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(model_state),
+            opt=ocp.args.StandardSave(opt_state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave(meta),
+        ),
+    )
+
+
+def restore_training(manager, step: int, model_state: nnx.State, opt_state, data_iter):
+    """Restores (model_state, opt_state) in place of the given templates; the iterator in place."""
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(model_state),
+            opt=ocp.args.StandardRestore(opt_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+        ),
+    )
+    return restored["model"], restored["opt"]
+
+
+def load_checkpoint(path: str | os.PathLike, step: int | None = None, **config_overrides) -> tuple[DeepseekV3, dict]:
+    """Loads a model from a training checkpoint.
+
+    Args:
+      path: a workdir (its ``checkpoints/`` is used) or a ``checkpoints`` folder.
+      step: the step to load (default: the latest).
+      config_overrides: ModelConfig implementation fields (e.g. ``dtype="float32"``).
+
+    Returns:
+      (model, meta) where meta holds ``model_config``, ``vocab`` (original ids or None), ``step``.
+
+    Raises:
+      FileNotFoundError: no checkpoint there.
+    """
+    path = os.path.abspath(os.fspath(path))
+    ckpt = checkpoint_dir(path) if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    if not os.path.isdir(ckpt):
+        raise FileNotFoundError(f"no checkpoints at {path}")
+    manager = ocp.CheckpointManager(
+        ckpt, item_handlers={"model": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    )
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint step in {ckpt}")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    config = ModelConfig.from_dict({**meta["model_config"], **config_overrides})
+    abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=meta.get("mtp", True)))
+    graphdef, abstract_state = nnx.split(abstract)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state
+    )
+    restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+    manager.close()
+    meta = dict(meta, step=step)
+    return nnx.merge(graphdef, restored["model"]), meta
+
+
+def meta_for(config: ModelConfig, vocab_ids: Any, mtp: bool, extra: dict | None = None) -> dict:
+    return {
+        "model_config": config.to_dict(),
+        "vocab": None if vocab_ids is None else [int(i) for i in vocab_ids],
+        "mtp": bool(mtp),
+        **(extra or {}),
+    }

@@ -1,0 +1,155 @@
+"""Training: losses, optimizer, the jitted train/eval steps and the aux-loss-free bias update.
+
+Loss (V3 report sections 2.1.2 and 2.2):
+  L = CE(main) + lambda / D * sum_k CE(MTP_k) + alpha * sum_{MoE layers} L_bal
+After each optimizer step every correction bias moves by gamma * sign(mean load - load), with the
+loads of that step's whole batch (:func:`dsv3_jax.moe.update_expert_bias`).
+
+The hot loop jits pure functions over (params, biases, opt_state); the model object is split once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dsv3_jax.model import DeepseekV3
+from dsv3_jax.moe import ExpertBias, update_expert_bias
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    mtp_lambda: float = 0.3  # lambda (0.3 for the first 10T tokens in the report)
+    balance_alpha: float = 1e-4  # alpha of the sequence-wise balance loss
+    bias_gamma: float = 1e-3  # gamma of the aux-loss-free bias update
+
+
+# ----------------------------------------------------------------------------- optimizer
+def lr_schedule(peak_lr: float, min_lr: float, warmup_steps: int, decay_start: int, total_steps: int):
+    """Linear warmup to peak_lr, constant until decay_start, cosine to min_lr at total_steps (V3 4.2)."""
+    decay_steps = max(total_steps - decay_start, 1)
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, peak_lr, max(warmup_steps, 1)),
+            optax.constant_schedule(peak_lr),
+            optax.cosine_decay_schedule(peak_lr, decay_steps, alpha=min_lr / peak_lr),
+        ],
+        boundaries=[max(warmup_steps, 1), max(decay_start, warmup_steps, 1)],
+    )
+
+
+def decay_mask(params: nnx.State, decay_embeddings: bool = False) -> Any:
+    """True for weight-decayed params: matrices only; not norms, biases, or (by default) embeddings."""
+
+    def keep(path, x):
+        names = [str(getattr(p, "key", p)) for p in path]
+        if "embed_tokens" in names and not decay_embeddings:
+            return False
+        is_stacked = names[0] in ("dense_layers", "moe_layers")
+        return x.ndim - int(is_stacked) >= 2
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(
+    schedule, *, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip=1.0, mask=None
+) -> optax.GradientTransformation:
+    """Gradient clipping at ``clip`` (global norm) then AdamW (V3 section 4.2)."""
+    return optax.chain(
+        optax.clip_by_global_norm(clip),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+    )
+
+
+# ----------------------------------------------------------------------------- losses
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None):
+    """Sum of token cross-entropies (nats) and the token count. logits [b, s, w], targets [b, s]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [b, s]
+    if mask is None:
+        mask = jnp.ones_like(nll)
+    return (nll * mask).sum(), mask.sum()
+
+
+def loss_fn(params, biases, graphdef, tokens, weights: LossWeights):
+    """Training loss of a batch of token windows int32 [b, s + 1].
+
+    Returns:
+      (loss, metrics) with metrics: ce, mtp_ce, balance, main_load [l, e], mtp_loads [D, e].
+    """
+    model: DeepseekV3 = nnx.merge(graphdef, params, biases)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    out = model.forward(inputs)
+    ce_sum, n = cross_entropy(out.logits, targets)
+    ce = ce_sum / n
+    loss = ce
+    balance = out.aux["balance"].sum() if out.aux else jnp.float32(0)
+    metrics = {"ce": ce, "main_load": out.aux.get("load", jnp.zeros((0,)))}
+    if model.num_mtp:
+        mtp_logits, mtp_aux = model.mtp_forward(inputs, out.hidden)
+        mtp_ces = []
+        for k, logits in enumerate(mtp_logits, start=1):
+            s, c = cross_entropy(logits, targets[:, k:])  # row t predicts token t + k + 1
+            mtp_ces.append(s / c)
+        mtp_ce = jnp.mean(jnp.stack(mtp_ces))
+        loss = loss + weights.mtp_lambda * mtp_ce
+        balance = balance + sum(a["balance"] for a in mtp_aux)
+        metrics["mtp_ce"] = mtp_ce
+        metrics["mtp_loads"] = jnp.stack([a["load"] for a in mtp_aux])
+    loss = loss + weights.balance_alpha * balance
+    metrics["balance"] = balance
+    return loss, metrics
+
+
+def apply_bias_update(biases: nnx.State, metrics: dict, gamma: float) -> nnx.State:
+    """Moves every correction bias by gamma * sign(mean load - load) with this step's loads."""
+    flat = []
+    for path, var in nnx.to_flat_state(biases):
+        if path[0] == "moe_layers":
+            load = metrics["main_load"]  # [l, e]
+        elif path[0] == "mtp":
+            load = metrics["mtp_loads"][path[1]]  # [e]
+        else:
+            raise ValueError(f"no load for correction bias {path}")
+        flat.append((path, var.replace(update_expert_bias(var[...], load, gamma))))
+    return nnx.from_flat_state(flat)
+
+
+def split_model(model: DeepseekV3):
+    """(graphdef, params, biases): trainable nnx.Param state and the ExpertBias state."""
+    return nnx.split(model, nnx.Param, ExpertBias)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4, 5))
+def train_step(graphdef, tx, weights: LossWeights, params, biases, opt_state, tokens):
+    """One optimizer step. Returns (params, biases, opt_state, metrics)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, metrics), grads = grad_fn(params, biases, graphdef, tokens, weights)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    biases = apply_bias_update(biases, metrics, weights.bias_gamma)
+    load = metrics["main_load"]
+    out = {
+        "loss": loss,
+        "ce": metrics["ce"],
+        "balance": metrics["balance"],
+        "grad_norm": optax.global_norm(grads),
+        "load_max_over_mean": (load.max(-1) / load.mean(-1)).max() if load.size else jnp.float32(1),
+    }
+    if "mtp_ce" in metrics:
+        out["mtp_ce"] = metrics["mtp_ce"]
+    return params, biases, opt_state, out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def eval_step(graphdef, params, biases, tokens, mask):
+    """Masked next-token CE: (sum of nats, count) over windows int32 [b, s + 1], mask [b, s]."""
+    model = nnx.merge(graphdef, params, biases)
+    out = model.forward(tokens[:, :-1])
+    return cross_entropy(out.logits, tokens[:, 1:], mask)

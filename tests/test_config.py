@@ -1,0 +1,99 @@
+import json
+
+import pytest
+
+from conftest import GOLDENS
+from dsv3_jax import ModelConfig, RopeScaling, count_params
+
+TINY = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+    num_hidden_layers=3, num_attention_heads=2, n_routed_experts=8, num_experts_per_tok=2,
+    n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
+)  # fmt: skip
+
+
+def test_defaults_are_the_671b_config():
+    c = ModelConfig()
+    assert (c.hidden_size, c.num_hidden_layers, c.n_routed_experts, c.kv_lora_rank) == (7168, 61, 256, 512)
+    assert c.rope_scaling.factor == 40 and c.rope_scaling.original_max_position_embeddings == 4096
+
+
+def test_count_params_671b_and_37b_activated():
+    from configs import deepseek_v3_671b
+
+    total, active = count_params(ModelConfig(**deepseek_v3_671b.get_config().model))
+    # Report section 1: 671B total, 37B activated per token (MTP counted apart).
+    assert abs(total / 1e9 - 671) < 1.0, total
+    assert abs(active / 1e9 - 37) < 1.0, active
+
+
+def test_count_params_tiny_by_hand():
+    c = ModelConfig(**TINY)
+    d, v = 32, 64
+    attn = d * 16 + 16 + 16 * 2 * 16 + d * (16 + 8) + 16 + 16 * 2 * 16 + 2 * 8 * d
+    dense = 3 * d * 64 + 2 * d
+    moe = d * 8 + 8 * 3 * d * 16 + 3 * d * 16 + 2 * d
+    total = 2 * v * d + d + attn * 3 + dense + 2 * moe
+    assert count_params(c) == (total, total - 2 * 6 * 3 * d * 16)
+
+
+def test_from_hf_reads_rope_scaling_and_rope_parameters():
+    official = ModelConfig.from_hf(GOLDENS / "d_yarn_mscale_official_cfg")
+    modern = ModelConfig.from_hf(GOLDENS / "a_qlora_yarn_sharded_mtp" / "config.json")
+    assert official.rope_scaling.rope_type == "yarn" and official.rope_scaling.mscale == pytest.approx(0.707)
+    assert modern.rope_scaling == RopeScaling(
+        factor=4.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0
+    )
+    assert modern.rope_theta == 10000.0 and modern.q_lora_rank == 24
+
+
+def test_from_hf_default_rope_and_null_q_lora():
+    raw = json.loads((GOLDENS / "b_qproj_vdim_dense2_nonorm" / "config.json").read_text())
+    c = ModelConfig.from_hf(raw)
+    assert c.rope_scaling is None and c.q_lora_rank is None and c.rope_theta == raw["rope_parameters"]["rope_theta"]
+
+
+def test_from_hf_official_671b_dict():
+    raw = ModelConfig().to_hf()
+    assert ModelConfig.from_hf(raw) == ModelConfig()
+    assert "rope_scaling" in raw and raw["rope_scaling"]["type"] == "yarn"
+
+
+def test_dict_round_trip():
+    c = ModelConfig(**TINY, dtype="bfloat16")
+    assert ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(num_attention_heads=-2), "num_attention_heads"),
+        (dict(n_routed_experts=10, n_group=4), "n_routed_experts"),
+        (dict(topk_group=5), "topk_group"),
+        (dict(num_experts_per_tok=5, topk_group=2), "num_experts_per_tok"),
+        (dict(first_k_dense_replace=4), "first_k_dense_replace"),
+        (dict(rope_scaling=RopeScaling(rope_type="longrope")), "rope_type"),
+        (dict(scoring_func="softmax"), "scoring_func"),
+        (dict(topk_method="greedy"), "topk_method"),
+        (dict(q_lora_rank=0), "q_lora_rank"),
+        (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+        (dict(dtype="float8"), "dtype"),
+    ],
+)
+def test_validation_names_the_field(override, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{**TINY, **override})
+
+
+def test_from_hf_unknown_rope_type():
+    raw = ModelConfig(**TINY).to_hf()
+    raw["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    with pytest.raises(ValueError, match="rope_type"):
+        ModelConfig.from_hf(raw)
+
+
+def test_from_hf_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ModelConfig.from_hf(tmp_path)

@@ -1,0 +1,96 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsv3_jax import DeepseekV3, ModelConfig
+from dsv3_jax.layers import linear
+from test_config import TINY
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DeepseekV3(ModelConfig(**TINY, num_nextn_predict_layers=2, initializer_range=0.2), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("bad", [[[0, 64]], [[-1, 3]], [[0.5, 1.0]], [1, 2, 3]])
+def test_bad_ids_raise_before_compiling(model, bad):
+    with pytest.raises(ValueError, match="input_ids"):
+        model(np.asarray(bad))
+
+
+def test_output_shapes_and_mtp(model):
+    ids = np.random.default_rng(0).integers(0, 64, (2, 10))
+    logits, mtp = model(ids, return_mtp=True)
+    assert logits.shape == (2, 10, 64) and logits.dtype == jnp.float32
+    assert [m.shape for m in mtp] == [(2, 9, 64), (2, 8, 64)]
+
+
+def test_causal(model):
+    ids = np.random.default_rng(1).integers(0, 64, (1, 12))
+    changed = ids.copy()
+    changed[0, 8] = (ids[0, 8] + 1) % 64
+    a, ma = model(ids, return_mtp=True)
+    b, mb = model(changed, return_mtp=True)
+    np.testing.assert_array_equal(np.asarray(a[:, :8]), np.asarray(b[:, :8]))
+    assert not np.allclose(np.asarray(a[:, 8]), np.asarray(b[:, 8]))
+    # MTP depth k at row t sees tokens up to t + k.
+    np.testing.assert_array_equal(np.asarray(ma[0][:, :7]), np.asarray(mb[0][:, :7]))
+    np.testing.assert_array_equal(np.asarray(ma[1][:, :6]), np.asarray(mb[1][:, :6]))
+
+
+def test_mtp_follows_eq_21(model):
+    """h'_t = eh_proj([enorm(Emb(x_{t+k})); hnorm(h^{k-1}_t)]), embedding first; head shared."""
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 9)))
+    out = model.forward(ids)
+    _, mtp = model(ids, return_mtp=True)
+    h, emb = out.hidden, model.embed_tokens.embedding[...]
+    for k, mod in enumerate(model.mtp, start=1):
+        s = 9 - k
+        x = jnp.concatenate([mod.enorm(emb[ids[:, k:]]), mod.hnorm(h[:, :s])], -1)
+        x = x @ mod.eh_proj.kernel[...]
+        pos = jnp.broadcast_to(jnp.arange(s), (2, s))
+        h, _, _ = mod.block(x, pos)
+        want = mod.shared_head_norm(h) @ model.lm_head.kernel[...]
+        np.testing.assert_allclose(np.asarray(mtp[k - 1]), np.asarray(want), atol=1e-5)
+
+
+def test_bf16_compute_close_to_float32():
+    cfg = ModelConfig(**TINY, initializer_range=0.2)
+    ids = np.random.default_rng(3).integers(0, 64, (2, 8))
+    f32 = DeepseekV3(cfg, rngs=nnx.Rngs(0))(ids)
+    bf16 = DeepseekV3(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))(ids)
+    assert bf16.dtype == jnp.float32  # logits come out in float32 whatever the compute dtype
+    # A bf16 rounding can flip a near-tied expert choice, so compare typical, not worst, error.
+    assert float(jnp.median(jnp.abs(f32 - bf16))) < 0.05 * float(jnp.abs(f32).mean())
+
+
+def test_layers_declare_logical_axes(model):
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    axes = lambda *p: tuple(flat[p].get_metadata()["out_sharding"])
+    assert axes("moe_layers", "mlp", "gate_proj") == ("layers", "experts", "embed", "mlp")
+    assert axes("embed_tokens", "embedding") == ("vocab", "embed")
+    assert axes("dense_layers", "self_attn", "kv_b_proj", "kernel") == ("layers", "kv_lora", "heads")
+    assert axes("moe_layers", "mlp", "gate", "e_score_correction_bias") == ("layers", "experts")
+    for path, var in flat.items():  # every variable declares one name per axis
+        assert len(var.get_metadata()["out_sharding"]) == var.ndim, path
+
+
+def test_linear_is_the_projection_helper():
+    x = jnp.ones((2, 3, 4))
+    w = jnp.arange(20.0).reshape(4, 5)
+    np.testing.assert_allclose(np.asarray(linear(x, w, jnp.float32)), np.asarray(jnp.einsum("bsi,io->bso", x, w)))
+
+
+def test_remat_gives_same_gradients():
+    cfg = ModelConfig(**TINY, initializer_range=0.2)
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 8)))
+
+    def grads(c):
+        m = DeepseekV3(c, rngs=nnx.Rngs(0))
+        return nnx.grad(lambda m: m.forward(ids).logits.sum())(m)
+
+    a, b = grads(cfg), grads(cfg.replace(remat=True))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
