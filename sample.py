@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 
 from dsv3_jax import checkpoint, data, sampling
 
@@ -41,6 +42,8 @@ class _Streamer:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # keep orbax's INFO lines off the terminal
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         raise app.UsageError("give exactly one of --workdir or --checkpoint")
     model, meta = checkpoint.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value, _STEP.value)
@@ -51,7 +54,7 @@ def main(argv):
         try:
             ids = vocab.to_compact(ids)
         except ValueError as err:
-            raise app.UsageError(f"the prompt uses tokens this model never saw in training: {err}")
+            raise app.UsageError(f"the prompt uses tokens this model never saw in training: {err}") from None
     print(f"[checkpoint step {meta['step']}, {model.config.vocab_size} ids]", file=sys.stderr)
     sys.stdout.write(_PROMPT.value)
     sampling.generate(

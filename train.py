@@ -3,7 +3,11 @@
   python train.py --config=configs/shakespeare.py --workdir=runs/shakespeare [--config.train.steps=N]
 """
 
-from absl import app, flags, logging
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from dsv3_jax import trainer
@@ -16,7 +20,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.info("config:\n%s", _CONFIG.value)
+    # Our progress lines on stderr; library INFO chatter (orbax, grain) only with --verbosity=0.
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log = logging.getLogger("dsv3_jax")
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    log.propagate = False
+    log.info("config:\n%s", _CONFIG.value)
     trainer.train(_CONFIG.value, _WORKDIR.value)
 
 

@@ -16,11 +16,10 @@ import json
 import logging
 import os
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
@@ -200,7 +199,13 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, **config_over
     dtype_name = jnp.dtype(dtype).name
     config = ModelConfig.from_hf(path, dtype=dtype_name, param_dtype=dtype_name, **config_overrides)
     files = SafetensorsDir(path)
-    names = files.names()
+    names = {n for n in files.names() if not n.endswith("rotary_emb.inv_freq")}  # old HF buffers
+    scales = sorted(n for n in names if n.endswith("_scale_inv"))
+    if scales:
+        raise CheckpointError(
+            f"{os.fspath(path)} holds FP8-quantized weights ({len(scales)} *_scale_inv tensors, e.g. "
+            f"{scales[0]}); this loader reads unquantized float32/bf16/fp16 checkpoints only"
+        )
     mtp_prefixes = [f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers)]
     has_mtp = any(n.startswith(tuple(mtp_prefixes)) for n in names) if mtp_prefixes else False
     if config.num_nextn_predict_layers and not has_mtp:
@@ -256,7 +261,7 @@ def _shape_problems(table, flat, files: SafetensorsDir) -> list[str]:
             usual = Counter(shapes).most_common(1)[0][0]
             out += [
                 f"shape mismatch for {n}: file has {shape}, its {len(hf) - 1} siblings have {usual}"
-                for n, shape in zip(hf, shapes) if shape != usual
+                for n, shape in zip(hf, shapes, strict=True) if shape != usual
             ]
             continue
         want = flat[p].shape

@@ -24,7 +24,6 @@ from dsv3_jax import rope
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, RMSNorm, dtype_of
 
-
 # The latent norms use RMSNorm's default eps whatever rms_norm_eps says (official model.py and HF).
 LATENT_NORM_EPS = 1e-6
 

@@ -7,7 +7,8 @@ The cache holds, per layer, only the normed latent c_kv [b, t, c] and the roped 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import warnings
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,9 @@ from dsv3_jax.model import DeepseekV3, check_input_ids
 
 _CACHE_BUCKET = 64  # cache lengths are rounded up to this, so prompts of similar length share code
 
+
+# Donation saves a copy on GPU/TPU; the CPU backend ignores it (and would warn each compile).
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _prefill(graphdef, state, input_ids, cache):

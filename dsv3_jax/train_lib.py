@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -125,6 +126,9 @@ def split_model(model: DeepseekV3):
     """(graphdef, params, biases): trainable nnx.Param state and the ExpertBias state."""
     return nnx.split(model, nnx.Param, ExpertBias)
 
+
+# Donation saves a copy on GPU/TPU; the CPU backend ignores it (and would warn each compile).
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4, 5))
 def train_step(graphdef, tx, weights: LossWeights, params, biases, opt_state, tokens):

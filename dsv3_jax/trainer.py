@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
 from collections.abc import Mapping
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 from tensorboardX import SummaryWriter
 
 from dsv3_jax import checkpoint, data, train_lib
 from dsv3_jax.config import ModelConfig, RopeScaling
 from dsv3_jax.model import DeepseekV3
+
+log = logging.getLogger("dsv3_jax")
 
 
 def prepare_data(cfg) -> tuple[np.ndarray, np.ndarray, data.CompactVocab | None]:
@@ -54,17 +56,17 @@ def evaluate(graphdef, params, biases, batches) -> float:
 def train(cfg, workdir: str) -> dict:
     """Trains (or resumes) and returns the final metrics (including ``val_loss``)."""
     os.makedirs(workdir, exist_ok=True)
-    logging.info("jax %s on %s, devices %s, python %s", jax.__version__, jax.default_backend(),
+    log.info("jax %s on %s, devices %s, python %s", jax.__version__, jax.default_backend(),
                  jax.devices(), platform.python_version())
     t = cfg.train
     train_tokens, val_tokens, vocab = prepare_data(cfg)
     mcfg = model_config(cfg, vocab)
-    logging.info("train tokens %d, val tokens %d, vocab %d", len(train_tokens), len(val_tokens), mcfg.vocab_size)
+    log.info("train tokens %d, val tokens %d, vocab %d", len(train_tokens), len(val_tokens), mcfg.vocab_size)
 
     model = DeepseekV3(mcfg, rngs=nnx.Rngs(t.seed))
     graphdef, params, biases = train_lib.split_model(model)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    logging.info("model: %s parameters", f"{n_params:,}")
+    log.info("model: %s parameters", f"{n_params:,}")
 
     decay_start = int(t.steps * t.decay_start_fraction)
     schedule = train_lib.lr_schedule(t.lr, t.min_lr, t.warmup_steps, decay_start, t.steps)
@@ -87,7 +89,7 @@ def train(cfg, workdir: str) -> dict:
         )
         nnx.update(model, model_state)
         graphdef, params, biases = train_lib.split_model(model)
-        logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), step)
+        log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), step)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump({"model_config": mcfg.to_dict(), "run_config": cfg.to_dict()}, f, indent=1)
 
@@ -108,7 +110,7 @@ def train(cfg, workdir: str) -> dict:
             metrics["tokens_per_s"] = steps_done * tokens_per_step / max(now - last, 1e-9)
             metrics["lr"] = float(schedule(step - 1))
             last = now
-            logging.info(
+            log.info(
                 "step %d | loss %.4f | ce %.4f | mtp %.4f | lr %.2e | grad_norm %.3f | %.0f tok/s | "
                 "expert load max/mean %.2f",
                 step, metrics["loss"], metrics["ce"], metrics.get("mtp_ce", float("nan")), metrics["lr"],
@@ -118,7 +120,7 @@ def train(cfg, workdir: str) -> dict:
                 writer.add_scalar(f"train/{k}", v, step)
         if step % t.eval_every == 0 or step == t.steps:
             metrics["val_loss"] = evaluate(graphdef, params, biases, val)
-            logging.info("step %d | validation loss %.4f nats/token", step, metrics["val_loss"])
+            log.info("step %d | validation loss %.4f nats/token", step, metrics["val_loss"])
             writer.add_scalar("val/loss", metrics["val_loss"], step)
             last = time.time()
         if step % t.save_every == 0 or step == t.steps:
@@ -126,7 +128,7 @@ def train(cfg, workdir: str) -> dict:
             checkpoint.save(manager, step, state, opt_state, data_iter, meta)
     if step == start_step:  # nothing left to train: report the saved model
         metrics["val_loss"] = evaluate(graphdef, params, biases, val)
-        logging.info("already at step %d of %d | validation loss %.4f nats/token", step, t.steps, metrics["val_loss"])
+        log.info("already at step %d of %d | validation loss %.4f nats/token", step, t.steps, metrics["val_loss"])
     manager.wait_until_finished()
     manager.close()
     writer.close()

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -70,15 +69,16 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, env, straight_run):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {steps[-1]}" in r.stderr  # resumed, not restarted
     # Same data order and same updates: the resumed run ends where the uninterrupted one did.
-    from dsv3_jax import load_checkpoint
     import jax
+
+    from dsv3_jax import load_checkpoint
 
     a, _ = load_checkpoint(straight_run[0])
     b, meta = load_checkpoint(workdir)
     assert meta["step"] == 8
     from flax import nnx
 
-    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import GOLDENS
+
 from dsv3_jax import ModelConfig, RopeScaling, count_params
 
 TINY = dict(

@@ -58,7 +58,7 @@ def test_encode_document_one_bos_and_round_trip(tokenizer, texts):
 
 def test_cache_contents(cache, tokens, tokenizer, texts):
     meta = cache[1]
-    for split, toks, docs in zip(("train", "val"), tokens, texts):
+    for split, toks, docs in zip(("train", "val"), tokens, texts, strict=True):
         assert toks.dtype == np.uint32 and len(toks) == meta[split]["total"]
         assert meta[split]["names"] == list(docs)
         starts = np.cumsum([0, *meta[split]["tokens"][:-1]])

@@ -5,9 +5,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import GOLDENS, tol
 from safetensors.numpy import load_file, save_file
 
-from conftest import GOLDENS, tol
 from dsv3_jax import load_hf_checkpoint
 from dsv3_jax.hf_io import CheckpointError
 from dsv3_jax.sampling import generate
@@ -110,7 +110,7 @@ def test_fused_expert_names_load_the_same(broken):
         gate = [tensors.pop(f"{p}{e}.gate_proj.weight") for e in range(n)]
         up = [tensors.pop(f"{p}{e}.up_proj.weight") for e in range(n)]
         down = [tensors.pop(f"{p}{e}.down_proj.weight") for e in range(n)]
-        tensors[p + "gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up)])
+        tensors[p + "gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up, strict=True)])
         tensors[p + "down_proj"] = np.stack(down)
     save_file(tensors, path / "model.safetensors")
     logits = np.asarray(load_hf_checkpoint(path)(golden["input_ids"]))

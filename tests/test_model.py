@@ -3,10 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_config import TINY
 
 from dsv3_jax import DeepseekV3, ModelConfig
 from dsv3_jax.layers import linear
-from test_config import TINY
 
 
 @pytest.fixture(scope="module")
@@ -92,5 +92,5 @@ def test_remat_gives_same_gradients():
         return nnx.grad(lambda m: m.forward(ids).logits.sum())(m)
 
     a, b = grads(cfg), grads(cfg.replace(remat=True))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

@@ -4,8 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import ModelConfig
-from dsv3_jax import rope
+from dsv3_jax import ModelConfig, rope
 from dsv3_jax.config import RopeScaling
 
 

@@ -3,10 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_config import TINY
 
 from dsv3_jax import DeepseekV3, ModelConfig, generate
 from dsv3_jax.sampling import filter_logits, sample_token
-from test_config import TINY
 
 
 def np_filter(logits, top_k, top_p):

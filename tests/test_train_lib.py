@@ -1,13 +1,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
-
-from dsv3_jax import DeepseekV3, ModelConfig
-from dsv3_jax import train_lib
 from test_config import TINY
+
+from dsv3_jax import DeepseekV3, ModelConfig, train_lib
 
 
 def tiny_model(**kw):

@@ -20,8 +20,6 @@ Deterministic (fixed seeds, float32, eager attention, single thread) and fast (a
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -305,7 +303,7 @@ def check_routing(spy: RouterSpy, cfg, all_negative: bool):
     by_layer = {}
     for name, biased, idx, w in spy.calls:
         prev = by_layer.get(name)
-        by_layer[name] = (biased, idx, w) if prev is None else tuple(torch.cat(z) for z in zip(prev, (biased, idx, w)))
+        by_layer[name] = (biased, idx, w) if prev is None else tuple(torch.cat(z) for z in zip(prev, (biased, idx, w), strict=True))
     for name, (biased, idx, w) in by_layer.items():
         sets = {tuple(sorted(r)) for r in idx.tolist()}
         assert len(sets) > 1, f"{name}: every token routed to the same experts {sets}"
@@ -313,10 +311,10 @@ def check_routing(spy: RouterSpy, cfg, all_negative: bool):
         k = cfg.num_experts_per_tok
         s = torch.cat(spy.unbiased[name])
         no_bias = [set(r) for r in s.topk(k, -1).indices.tolist()]
-        assert any(a != b for a, b in zip(chosen, no_bias)), f"{name}: the correction bias never matters"
+        assert any(a != b for a, b in zip(chosen, no_bias, strict=True)), f"{name}: the correction bias never matters"
         if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
             no_group = [set(r) for r in biased.topk(k, -1).indices.tolist()]
-            assert any(a != b for a, b in zip(chosen, no_group)), f"{name}: the group limit never matters"
+            assert any(a != b for a, b in zip(chosen, no_group, strict=True)), f"{name}: the group limit never matters"
         if all_negative:
             assert (biased < 0).all(), f"{name}: some biased score >= 0"
         if cfg.n_group > 1:
@@ -479,7 +477,7 @@ def add_mtp(d: Path, model: DeepseekV3ForCausalLM, seed: int) -> list[str]:
     """Write mtp.safetensors with random MTP weights in the official layout at layer index L."""
     cfg = model.config
     L = cfg.num_hidden_layers
-    D, V, E, F = cfg.hidden_size, cfg.vocab_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    D, _V, E, F = cfg.hidden_size, cfg.vocab_size, cfg.n_routed_experts, cfg.moe_intermediate_size
     H, nope, rope, vd = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     g = torch.Generator().manual_seed(seed + 7)
 
