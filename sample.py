@@ -46,7 +46,10 @@ def main(argv):
         absl_logging.set_verbosity(absl_logging.WARNING)  # keep orbax's INFO lines off the terminal
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         raise app.UsageError("give exactly one of --workdir or --checkpoint")
-    model, meta = checkpoint.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value, _STEP.value)
+    try:
+        model, meta = checkpoint.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value, _STEP.value)
+    except FileNotFoundError as err:
+        raise app.UsageError(str(err)) from None
     tokenizer = data.load_tokenizer()
     vocab = data.CompactVocab(meta["vocab"]) if meta.get("vocab") else None
     ids = data.encode_document(tokenizer, _PROMPT.value)

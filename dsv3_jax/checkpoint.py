@@ -62,6 +62,10 @@ def restore_training(manager, step: int, model_state: nnx.State, opt_state, data
     return restored["model"], restored["opt"]
 
 
+def restore_meta(manager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def load_checkpoint(path: str | os.PathLike, step: int | None = None, **config_overrides) -> tuple[DeepseekV3, dict]:
     """Loads a model from a training checkpoint.
 
@@ -78,15 +82,18 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None, **config_o
     """
     path = os.path.abspath(os.fspath(path))
     ckpt = checkpoint_dir(path) if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    if not os.path.isdir(ckpt):
-        raise FileNotFoundError(f"no checkpoints at {path}")
+    if not os.path.isdir(ckpt) or not any(d.isdigit() for d in os.listdir(ckpt)):
+        raise FileNotFoundError(
+            f"no checkpoints at {path} (expected a training workdir with checkpoints/<step>/, "
+            "or such a checkpoints folder)"
+        )
     manager = ocp.CheckpointManager(
         ckpt, item_handlers={"model": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     )
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint step in {ckpt}")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = restore_meta(manager, step)
     config = ModelConfig.from_dict({**meta["model_config"], **config_overrides})
     abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=meta.get("mtp", True)))
     graphdef, abstract_state = nnx.split(abstract)

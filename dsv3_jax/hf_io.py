@@ -26,6 +26,8 @@ from safetensors import safe_open
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepseekV3
 
+log = logging.getLogger("dsv3_jax")
+
 Reader = Callable[[Callable[[str], jax.Array]], jax.Array]
 
 
@@ -209,7 +211,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, **config_over
     mtp_prefixes = [f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers)]
     has_mtp = any(n.startswith(tuple(mtp_prefixes)) for n in names) if mtp_prefixes else False
     if config.num_nextn_predict_layers and not has_mtp:
-        logging.warning(
+        log.warning(
             "%s: config counts %d MTP layer(s) but the files hold no MTP tensors "
             "(transformers does not save them); loading the main model without MTP.",
             path, config.num_nextn_predict_layers,
@@ -231,17 +233,13 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, **config_over
         problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected}")
     if unmapped:
         problems.append(f"model parameters with no checkpoint source: {unmapped}")
-    if not missing:
-        problems += _shape_problems(table, flat, files)
+    complete = {p: e for p, e in table.items() if all(n in names for n in e[1])}
+    problems += _shape_problems(complete, flat, files)
     if problems:
         raise CheckpointError(f"checkpoint {os.fspath(path)} does not fit its config:\n  " + "\n  ".join(problems))
 
-    values = {}
-    for p, (reader, _) in table.items():
-        target = flat[p]
-        arr = reader(files.read)
-        keep_f32 = p[-1] == "e_score_correction_bias" or (len(p) >= 2 and p[-2] == "gate")
-        values[p] = jnp.asarray(arr, jnp.float32 if keep_f32 else target.dtype)
+    # The router and correction bias are float32 in the model whatever ``dtype`` is.
+    values = {p: jnp.asarray(reader(files.read), flat[p].dtype) for p, (reader, _) in table.items()}
     state = nnx.from_flat_state([(p, flat[p].replace(values[p])) for p in flat])
     return nnx.merge(graphdef, state)
 

@@ -84,6 +84,17 @@ def train(cfg, workdir: str) -> dict:
     meta = checkpoint.meta_for(mcfg, None if vocab is None else vocab.original_ids, model.num_mtp)
     step = manager.latest_step() or 0
     if step:
+        saved = checkpoint.restore_meta(manager, step)
+        diff = {
+            k: (saved["model_config"].get(k), v)
+            for k, v in meta["model_config"].items()
+            if saved["model_config"].get(k) != v and k not in ("dtype", "remat", "moe_impl")
+        }
+        if diff or saved.get("vocab") != meta["vocab"]:
+            raise ValueError(
+                f"{workdir} holds a run of another model (saved vs now: {diff or 'vocabulary differs'}); "
+                "use a new --workdir or the saved config"
+            )
         model_state, opt_state = checkpoint.restore_training(
             manager, step, nnx.state(model), opt_state, data_iter
         )

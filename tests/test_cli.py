@@ -93,6 +93,14 @@ def test_sample_streams_text_from_the_checkpoint(straight_run, env):
     assert again.stdout == r.stdout
 
 
+def test_rerun_with_another_model_is_refused(straight_run, env):
+    workdir, _ = straight_run
+    before = sorted(os.listdir(workdir / "checkpoints"))
+    r = _run([*train_args(workdir, env, steps=10), "--config.model.hidden_size=48"], env)
+    assert r.returncode != 0 and "another model" in r.stderr and "hidden_size" in r.stderr
+    assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing saved is touched
+
+
 def test_unknown_override_fails_with_the_absl_error(tmp_path, env):
     r = _run(["train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.stepz=3"], env)
     assert r.returncode != 0 and "stepz" in r.stderr
