@@ -44,6 +44,17 @@ def test_goldens_cover_the_required_cases():
     assert biases and all((b < -1).all() for b in biases)  # every biased sigmoid score is below zero
 
 
+def test_bf16_checkpoint_runs_in_bf16():
+    import jax.numpy as jnp
+
+    g = np.load(GOLDENS / "g_all_moe_bf16" / "golden.npz")
+    model = load_hf_checkpoint(GOLDENS / "g_all_moe_bf16", dtype=jnp.bfloat16)
+    assert model.embed_tokens.embedding[...].dtype == jnp.bfloat16
+    assert model.moe_layers.mlp.gate.kernel[...].dtype == jnp.float32  # the router stays float32
+    logits = np.asarray(model(g["input_ids"]))
+    assert np.median(np.abs(logits - g["logits"])) < 0.05 * np.abs(g["logits"]).mean()
+
+
 def test_mtp_weights_load_when_present():
     model = load_hf_checkpoint(GOLDENS / "a_qlora_yarn_sharded_mtp")
     assert model.num_mtp == 1

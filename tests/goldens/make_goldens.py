@@ -223,6 +223,21 @@ GOLDENS = [
             max_position_embeddings=64,
         ),
     ),
+    dict(
+        name="g_all_moe_bf16",
+        doc="first_k_dense_replace 0 (every layer MoE), weights stored in bfloat16 (the values are "
+        "bf16-exact, the goldens computed in float32), 4 experts in 2 groups, topk_group 1",
+        cfg=dict(
+            num_hidden_layers=2,
+            first_k_dense_replace=0,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+        bf16=True,
+    ),
 ]
 
 
@@ -464,7 +479,8 @@ def check_saved_layout(d: Path, model) -> None:
             assert torch.equal(saved[p + f"{e}.gate_proj.weight"], gu[e, :F])
             assert torch.equal(saved[p + f"{e}.up_proj.weight"], gu[e, F:])
             assert torch.equal(saved[p + f"{e}.down_proj.weight"], dn[e])
-        assert saved[f"model.layers.{n}.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+        assert saved[f"model.layers.{n}.mlp.gate.e_score_correction_bias"].dtype in (
+            torch.float32, sd[f"model.layers.{n}.mlp.gate.e_score_correction_bias"].dtype)
     for k, v in sd.items():
         if "mlp.experts." not in k:
             assert torch.equal(saved[k], v), k  # q_b_proj / kv_a_proj_with_mqa etc. stored as used
@@ -563,12 +579,19 @@ def main() -> int:
             shutil.rmtree(d)
         model = build_model(spec["cfg"])
         randomize(model, seed, spec.get("bias"))
+        if spec.get("bf16"):  # make every value bf16-exact, so a bf16 file holds the same model
+            with torch.no_grad():
+                biases = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+                for t in [*model.parameters(), *biases]:  # not the derived rotary inv_freq
+                    t.copy_(t.to(torch.bfloat16).to(t.dtype))
         spy = RouterSpy(model)
         goldens, cache_diff = compute_goldens(model, seed)
         check_routing(spy, model.config, all_negative=spec.get("bias") is not None)
         spy.close()
 
         kw = {"max_shard_size": spec["shard"]} if "shard" in spec else {}
+        if spec.get("bf16"):
+            model = model.to(torch.bfloat16)
         model.save_pretrained(d, **kw)
         np.savez(d / "golden.npz", **goldens)
 
