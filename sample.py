@@ -1,7 +1,7 @@
 """Sample text from a trained checkpoint, streaming tokens as they are generated.
 
-  python sample.py --workdir=runs/shakespeare --prompt="ROMEO:" --max_new_tokens=200 \
-      [--temperature=0.8 --top_k=50 --top_p=0.95 --seed=0]
+  python sample.py --workdir=runs/shakespeare --prompt="ROMEO:" --max_new_tokens=200
+  options: --temperature=0.8 --top_k=50 --top_p=0.95 --seed=0 --step=N --checkpoint=DIR
 """
 
 import sys
@@ -39,25 +39,42 @@ class _Streamer:
             self.printed = text
 
 
+def _fail(message: str):
+    sys.exit(f"error: {message}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # keep orbax's INFO lines off the terminal
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
-        raise app.UsageError("give exactly one of --workdir or --checkpoint")
+        _fail("give exactly one of --workdir or --checkpoint")
     try:
+        sampling.check_sampling_args(
+            sys.maxsize, 1, _MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value
+        )
         model, meta = checkpoint.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value, _STEP.value)
-    except FileNotFoundError as err:
-        raise app.UsageError(str(err)) from None
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    if _TEMPERATURE.value == 0 and (_TOP_K.value is not None or _TOP_P.value is not None):
+        print("note: --temperature=0 is greedy decoding; --top_k/--top_p are ignored", file=sys.stderr)
     tokenizer = data.load_tokenizer()
     vocab = data.CompactVocab(meta["vocab"]) if meta.get("vocab") else None
     ids = data.encode_document(tokenizer, _PROMPT.value)
     if vocab is not None:
-        try:
-            ids = vocab.to_compact(ids)
-        except ValueError as err:
-            raise app.UsageError(f"the prompt uses tokens this model never saw in training: {err}") from None
+        unknown = vocab.missing(ids)
+        if unknown.size:
+            pieces = [tokenizer.decode([int(i)]) for i in unknown]
+            _fail(f"the prompt uses tokens this model never saw in training: {pieces}")
+        ids = vocab.to_compact(ids)
+    try:
+        sampling.check_sampling_args(
+            model.config.max_position_embeddings, len(ids), _MAX_NEW.value, _TEMPERATURE.value,
+            _TOP_K.value, _TOP_P.value,
+        )
+    except ValueError as err:
+        _fail(str(err))
     print(f"[checkpoint step {meta['step']}, {model.config.vocab_size} ids]", file=sys.stderr)
     sys.stdout.write(_PROMPT.value)
     sampling.generate(

@@ -30,7 +30,10 @@ def main(argv):
     log.addHandler(handler)
     log.propagate = False
     log.info("config:\n%s", _CONFIG.value)
-    trainer.train(_CONFIG.value, _WORKDIR.value)
+    try:
+        trainer.train(_CONFIG.value, _WORKDIR.value)
+    except trainer.RunConfigError as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

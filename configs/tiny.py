@@ -1,4 +1,4 @@
-"""A tiny DeepSeek-V3 on Shakespeare for tests and smoke runs (seconds per run on a CPU)."""
+"""A tiny DeepSeek-V3 on Shakespeare for tests and smoke runs (under a minute per run on a 2-core CPU, mostly compilation)."""
 
 from configs import shakespeare
 

@@ -70,17 +70,23 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None, **config_o
     """Loads a model from a training checkpoint.
 
     Args:
-      path: a workdir (its ``checkpoints/`` is used) or a ``checkpoints`` folder.
-      step: the step to load (default: the latest).
+      path: a workdir (its ``checkpoints/`` is used), a ``checkpoints`` folder, or one step folder
+        ``checkpoints/<step>``.
+      step: the step to load (default: the latest, or the step folder's).
       config_overrides: ModelConfig implementation fields (e.g. ``dtype="float32"``).
 
     Returns:
       (model, meta) where meta holds ``model_config``, ``vocab`` (original ids or None), ``step``.
 
     Raises:
-      FileNotFoundError: no checkpoint there.
+      FileNotFoundError: no checkpoint there, or not of that step (the kept steps are listed).
     """
     path = os.path.abspath(os.fspath(path))
+    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "model")):
+        # A step folder (checkpoints/<step>): load that step.
+        if step is not None and step != int(os.path.basename(path)):
+            raise ValueError(f"{path} is step {os.path.basename(path)}, but step={step} was asked for")
+        path, step = os.path.dirname(path), int(os.path.basename(path))
     ckpt = checkpoint_dir(path) if os.path.isdir(os.path.join(path, "checkpoints")) else path
     if not os.path.isdir(ckpt) or not any(d.isdigit() for d in os.listdir(ckpt)):
         raise FileNotFoundError(
@@ -90,9 +96,10 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None, **config_o
     manager = ocp.CheckpointManager(
         ckpt, item_handlers={"model": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     )
+    kept = list(manager.all_steps())
     step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint step in {ckpt}")
+    if step is None or step not in kept:
+        raise FileNotFoundError(f"no complete checkpoint of step {step} in {ckpt}; kept steps: {sorted(kept)}")
     meta = restore_meta(manager, step)
     config = ModelConfig.from_dict({**meta["model_config"], **config_overrides})
     abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=meta.get("mtp", True)))

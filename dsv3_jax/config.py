@@ -13,7 +13,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 _ROPE_TYPES = ("default", "yarn")
+_MODEL_TYPES = ("deepseek_v3", "kimi_k2")  # Kimi K2 ships the DeepSeek-V3 architecture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,13 @@ class ModelConfig:
     moe_impl: str = "auto"  # grouped matmul: "ragged" (lax.ragged_dot), "blocked" (CPU), "auto"
 
     def __post_init__(self):
+        for name in ("dtype", "param_dtype"):  # accept jnp.bfloat16, np.dtype, "bfloat16" alike
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                try:
+                    object.__setattr__(self, name, np.dtype(value).name)
+                except TypeError:
+                    pass  # validate() names the field
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -221,6 +231,12 @@ class ModelConfig:
                 raise FileNotFoundError(f"no HF config.json at {path}")
             with open(path) as f:
                 raw = json.load(f)
+        model_type = raw.get("model_type", "deepseek_v3")
+        if model_type not in _MODEL_TYPES:
+            raise ValueError(
+                f"config.json model_type {model_type!r} is not a DeepSeek-V3 architecture "
+                f"(supported: {_MODEL_TYPES})"
+            )
         fields = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling"}
         kwargs = {k: v for k, v in raw.items() if k in fields}
         rope = raw.get("rope_parameters") or raw.get("rope_scaling")

@@ -238,6 +238,12 @@ class CompactVocab:
     def eos(self) -> int:
         return int(self._table[EOS_ID])
 
+    def missing(self, ids) -> np.ndarray:
+        """The distinct original ids (int64, sorted) of ``ids`` that are not in the vocab."""
+        ids = np.unique(np.asarray(ids, np.int64))
+        inside = (ids >= 0) & (ids < len(self._table))
+        return ids[~inside | (self._table[np.where(inside, ids, 0)] < 0)]
+
     def to_compact(self, ids) -> np.ndarray:
         """Maps original ids (int array-like, any shape) to compact ids, int32, same shape.
 

@@ -198,6 +198,10 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, **config_over
       FileNotFoundError: no config.json, no safetensors, or a shard named by the index missing.
       CheckpointError: every missing, unexpected and mis-shaped tensor, in one message.
     """
+    if os.path.isfile(path) and os.path.basename(path) == "config.json":
+        path = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no HF checkpoint directory at {path}")
     dtype_name = jnp.dtype(dtype).name
     config = ModelConfig.from_hf(path, dtype=dtype_name, param_dtype=dtype_name, **config_overrides)
     files = SafetensorsDir(path)

@@ -135,12 +135,15 @@ class DeepseekV3(nnx.Module):
         Raises:
           ValueError: ids not int [b, s], or outside [0, vocab_size) (checked before compiling).
         """
-        check_input_ids(input_ids, self.config.vocab_size)
+        check_input_ids(input_ids, self.config.vocab_size, self.config.max_position_embeddings)
+        if return_mtp and not self.num_mtp:
+            raise ValueError("this model has no MTP modules (loaded without MTP weights)")
+        if return_mtp and np.shape(input_ids)[1] <= self.num_mtp:
+            raise ValueError(f"return_mtp needs more than {self.num_mtp} tokens per row, got {input_ids.shape[1]}")
+        input_ids = jnp.asarray(input_ids)
         out = self.forward(input_ids)
         if not return_mtp:
             return out.logits
-        if not self.num_mtp:
-            raise ValueError("this model has no MTP modules (loaded without MTP weights)")
         return out.logits, self.mtp_forward(input_ids, out.hidden)[0]
 
     # ------------------------------------------------------------------ jittable pieces
@@ -192,13 +195,18 @@ class DeepseekV3(nnx.Module):
         return cache
 
 
-def check_input_ids(input_ids, vocab_size: int) -> None:
-    """Raises ValueError for ids that are not int [b, s] in [0, vocab_size) (skipped under tracing)."""
+def check_input_ids(input_ids, vocab_size: int, max_len: int | None = None) -> None:
+    """Raises ValueError unless ids are int [b, s], 1 <= s <= max_len, in [0, vocab_size).
+
+    Skipped under tracing (the values are unknown there).
+    """
     if isinstance(input_ids, jax.core.Tracer):
         return
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be an int array [batch, seq], got {ids.dtype} {ids.shape}")
+    if ids.shape[1] < 1 or (max_len is not None and ids.shape[1] > max_len):
+        raise ValueError(f"input_ids length {ids.shape[1]} is outside [1, max_position_embeddings={max_len}]")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = np.unique(ids[(ids < 0) | (ids >= vocab_size)])[:10]
         raise ValueError(f"input_ids outside [0, vocab_size={vocab_size}): {bad.tolist()}")

@@ -67,6 +67,25 @@ def sample_token(logits, key, temperature, *, top_k=None, top_p=None, greedy=Fal
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def check_sampling_args(
+    max_len: int, prompt_len: int, max_new_tokens: int, temperature: float, top_k, top_p
+) -> None:
+    """Raises ValueError naming the argument that cannot work (see :func:`generate`)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > max_len:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
+            f"{prompt_len + max_new_tokens} exceeds max_position_embeddings {max_len}"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
 def generate(
     model: DeepseekV3,
     input_ids,
@@ -96,24 +115,10 @@ def generate(
       ValueError: bad ids, a bad sampling argument, or s + max_new_tokens > max_position_embeddings.
     """
     cfg = model.config
-    check_input_ids(input_ids, cfg.vocab_size)
+    check_input_ids(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
     ids = jnp.asarray(input_ids, jnp.int32)
     b, s = ids.shape
-    if s < 1:
-        raise ValueError("generate needs a prompt of at least one token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if s + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt length {s} + max_new_tokens {max_new_tokens} = {s + max_new_tokens} exceeds "
-            f"max_position_embeddings {cfg.max_position_embeddings}"
-        )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    check_sampling_args(cfg.max_position_embeddings, s, max_new_tokens, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return ids
     graphdef, state = nnx.split(model)

@@ -33,15 +33,18 @@ class LossWeights:
 
 # ----------------------------------------------------------------------------- optimizer
 def lr_schedule(peak_lr: float, min_lr: float, warmup_steps: int, decay_start: int, total_steps: int):
-    """Linear warmup to peak_lr, constant until decay_start, cosine to min_lr at total_steps (V3 4.2)."""
-    decay_steps = max(total_steps - decay_start, 1)
+    """Learning rate for optimizer step ``count`` (0-based), as in V3 section 4.2.
+
+    Linear warmup peak_lr * (count + 1) / warmup_steps (so the first step already learns), then
+    constant until ``decay_start``, then cosine to ``min_lr`` at ``total_steps``.
+    """
+    decay_start = max(decay_start, warmup_steps)
+    decay = optax.cosine_decay_schedule(peak_lr, max(total_steps - decay_start, 1), alpha=min_lr / peak_lr)
+    if warmup_steps < 1:
+        return optax.join_schedules([optax.constant_schedule(peak_lr), decay], [decay_start])
+    warmup = optax.linear_schedule(peak_lr / warmup_steps, peak_lr, max(warmup_steps - 1, 1))
     return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, peak_lr, max(warmup_steps, 1)),
-            optax.constant_schedule(peak_lr),
-            optax.cosine_decay_schedule(peak_lr, decay_steps, alpha=min_lr / peak_lr),
-        ],
-        boundaries=[max(warmup_steps, 1), max(decay_start, warmup_steps, 1)],
+        [warmup, optax.constant_schedule(peak_lr), decay], [warmup_steps, decay_start]
     )
 
 

@@ -53,8 +53,49 @@ def evaluate(graphdef, params, biases, batches) -> float:
     return total / count
 
 
+class RunConfigError(ValueError):
+    """A run config or workdir that cannot work; raised before any data or model work."""
+
+
+def check_run_config(cfg, workdir: str) -> None:
+    """Raises RunConfigError naming the field for settings that cannot work."""
+    for section in ("model", "data", "train"):
+        if section not in cfg:
+            raise RunConfigError(
+                f"the config has no '{section}' section (train.py needs model, data and train; "
+                "configs/deepseek_v3_671b.py describes a model only)"
+            )
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise RunConfigError(f"--workdir {workdir} exists and is not a directory")
+    t, d = cfg.train, cfg.data
+    positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "data.seq_len": d.seq_len,
+                "data.eval_batch_size": d.eval_batch_size, "train.log_every": t.log_every,
+                "train.eval_every": t.eval_every, "train.save_every": t.save_every, "train.keep": t.keep,
+                "train.lr": t.lr}  # fmt: skip
+    for name, value in positive.items():
+        if not value > 0:
+            raise RunConfigError(f"config.{name} must be > 0, got {value!r}")
+    if not 0 <= t.min_lr <= t.lr:
+        raise RunConfigError(f"config.train.min_lr must be in [0, lr={t.lr}], got {t.min_lr!r}")
+    if t.warmup_steps < 0 or not 0 <= t.decay_start_fraction <= 1:
+        raise RunConfigError(
+            f"config.train.warmup_steps must be >= 0 and decay_start_fraction in [0, 1], got "
+            f"{t.warmup_steps!r} and {t.decay_start_fraction!r}"
+        )
+    if d.seq_len > cfg.model.max_position_embeddings:
+        raise RunConfigError(
+            f"config.data.seq_len ({d.seq_len}) exceeds config.model.max_position_embeddings "
+            f"({cfg.model.max_position_embeddings})"
+        )
+
+
 def train(cfg, workdir: str) -> dict:
-    """Trains (or resumes) and returns the final metrics (including ``val_loss``)."""
+    """Trains (or resumes) and returns the final metrics (including ``val_loss``).
+
+    Raises:
+      RunConfigError: a setting that cannot work, or a workdir holding a run of another model.
+    """
+    check_run_config(cfg, workdir)
     os.makedirs(workdir, exist_ok=True)
     log.info("jax %s on %s, devices %s, python %s", jax.__version__, jax.default_backend(),
                  jax.devices(), platform.python_version())
@@ -81,7 +122,10 @@ def train(cfg, workdir: str) -> dict:
     val = data.val_batches(val_tokens, cfg.data.seq_len, cfg.data.eval_batch_size, pad_id=mcfg.bos_token_id)
 
     manager = checkpoint.make_manager(workdir, t.keep)
-    meta = checkpoint.meta_for(mcfg, None if vocab is None else vocab.original_ids, model.num_mtp)
+    run_config = {"data": cfg.data.to_dict(), "train": cfg.train.to_dict()}
+    meta = checkpoint.meta_for(
+        mcfg, None if vocab is None else vocab.original_ids, model.num_mtp, {"run_config": run_config}
+    )
     step = manager.latest_step() or 0
     if step:
         saved = checkpoint.restore_meta(manager, step)
@@ -91,7 +135,7 @@ def train(cfg, workdir: str) -> dict:
             if saved["model_config"].get(k) != v and k not in ("dtype", "remat", "moe_impl")
         }
         if diff or saved.get("vocab") != meta["vocab"]:
-            raise ValueError(
+            raise RunConfigError(
                 f"{workdir} holds a run of another model (saved vs now: {diff or 'vocabulary differs'}); "
                 "use a new --workdir or the saved config"
             )
@@ -101,13 +145,21 @@ def train(cfg, workdir: str) -> dict:
         nnx.update(model, model_state)
         graphdef, params, biases = train_lib.split_model(model)
         log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), step)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump({"model_config": mcfg.to_dict(), "run_config": cfg.to_dict()}, f, indent=1)
+        changed = _changes(saved.get("run_config", {}), run_config)
+        if changed:
+            log.warning(
+                "resuming with changed settings (saved -> now): %s%s", changed,
+                "; the learning-rate schedule is rebuilt for the new train.steps"
+                if "train.steps" in changed else "",
+            )
+    else:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump({"model_config": mcfg.to_dict(), "run_config": cfg.to_dict()}, f, indent=1)
 
     writer = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
     metrics, last = {}, time.time()
     tokens_per_step = t.batch_size * cfg.data.seq_len
-    start_step = step
+    start_step = last_step = step
     while step < t.steps:
         batch = jnp.asarray(next(data_iter))
         params, biases, opt_state, metrics = train_lib.train_step(
@@ -117,8 +169,10 @@ def train(cfg, workdir: str) -> dict:
         if step % t.log_every == 0 or step == t.steps or step == start_step + 1:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.time()
-            steps_done = t.log_every if step % t.log_every == 0 else 1
-            metrics["tokens_per_s"] = steps_done * tokens_per_step / max(now - last, 1e-9)
+            steps_done, last_step = step - last_step, step
+            # The first step's time is mostly compilation: no throughput for it.
+            first = step == start_step + 1
+            metrics["tokens_per_s"] = float("nan") if first else steps_done * tokens_per_step / max(now - last, 1e-9)
             metrics["lr"] = float(schedule(step - 1))
             last = now
             log.info(
@@ -137,14 +191,27 @@ def train(cfg, workdir: str) -> dict:
         if step % t.save_every == 0 or step == t.steps:
             state = nnx.state(nnx.merge(graphdef, params, biases))
             checkpoint.save(manager, step, state, opt_state, data_iter, meta)
-    if step == start_step:  # nothing left to train: report the saved model
-        metrics["val_loss"] = evaluate(graphdef, params, biases, val)
-        log.info("already at step %d of %d | validation loss %.4f nats/token", step, t.steps, metrics["val_loss"])
     manager.wait_until_finished()
     manager.close()
     writer.close()
     metrics["step"] = step
+    if step == start_step:  # nothing left to train: report the saved model, rewrite nothing
+        metrics["val_loss"] = evaluate(graphdef, params, biases, val)
+        log.info("already at step %d of %d | validation loss %.4f nats/token", step, t.steps, metrics["val_loss"])
+        return metrics
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     return metrics
+
+
+def _changes(saved: dict, now: dict, prefix: str = "") -> dict:
+    """Flat {dotted name: (saved, now)} of the settings that differ."""
+    out = {}
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out[f"{prefix}{key}"] = (a, b)
+    return out
 

@@ -101,6 +101,43 @@ def test_rerun_with_another_model_is_refused(straight_run, env):
     assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing saved is touched
 
 
+def test_sample_errors_name_the_fault(straight_run, env):
+    workdir, _ = straight_run
+    step_dir = workdir / "checkpoints" / "8"
+    r = _run(["sample.py", f"--checkpoint={step_dir}", "--max_new_tokens=3"], env)
+    assert r.returncode == 0 and "step 8" in r.stderr  # a step folder loads that step
+    r = _run(["sample.py", f"--workdir={workdir}", "--step=2"], env)
+    assert r.returncode != 0 and "kept steps: [6, 8]" in r.stderr
+    r = _run(["sample.py", f"--workdir={workdir}", "--top_p=1.5"], env)
+    assert r.returncode != 0 and "top_p" in r.stderr and r.stdout == ""  # nothing printed first
+    r = _run(["sample.py", f"--workdir={workdir}", "--max_new_tokens=400"], env)
+    assert r.returncode != 0 and "max_position_embeddings" in r.stderr and r.stdout == ""
+    r = _run(["sample.py", f"--workdir={workdir}", "--prompt=Hello, 2024 emoji \N{ROCKET}"], env)
+    assert r.returncode != 0 and "never saw in training" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("--config.train.steps=-3", "train.steps"),
+        ("--config.train.batch_size=0", "train.batch_size"),
+        ("--config.data.seq_len=512", "max_position_embeddings"),
+    ],
+)
+def test_bad_run_settings_fail_before_any_work(tmp_path, env, override, field):
+    r = _run([*train_args(tmp_path / "run", env), override], env)
+    assert r.returncode != 0 and field in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_rerun_of_a_finished_run_rewrites_nothing(straight_run, env):
+    workdir, _ = straight_run
+    files = {f: (workdir / f).read_bytes() for f in ("config.json", "final_metrics.json")}
+    r = _run([*train_args(workdir, env), "--config.data.seq_len=16"], env)
+    assert r.returncode == 0 and "already at step 8 of 8" in r.stderr and "data.seq_len" in r.stderr
+    assert {f: (workdir / f).read_bytes() for f in files} == files
+
+
 def test_unknown_override_fails_with_the_absl_error(tmp_path, env):
     r = _run(["train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.stepz=3"], env)
     assert r.returncode != 0 and "stepz" in r.stderr

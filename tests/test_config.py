@@ -97,3 +97,16 @@ def test_from_hf_unknown_rope_type():
 def test_from_hf_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         ModelConfig.from_hf(tmp_path)
+
+
+def test_dtype_accepts_jnp_and_numpy_types():
+    import jax.numpy as jnp
+
+    assert ModelConfig(**TINY, dtype=jnp.bfloat16, param_dtype=jnp.float32).dtype == "bfloat16"
+
+
+def test_from_hf_rejects_other_architectures():
+    raw = ModelConfig(**TINY).to_hf()
+    raw["model_type"] = "llama"
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        ModelConfig.from_hf(raw)

@@ -126,3 +126,9 @@ def test_fused_expert_names_load_the_same(broken):
     save_file(tensors, path / "model.safetensors")
     logits = np.asarray(load_hf_checkpoint(path)(golden["input_ids"]))
     np.testing.assert_allclose(logits, golden["logits"], atol=tol("float32"), rtol=0)
+
+
+def test_load_accepts_the_config_json_path():
+    g = np.load(GOLDENS / "c_grouped_negbias" / "golden.npz")
+    model = load_hf_checkpoint(GOLDENS / "c_grouped_negbias" / "config.json")
+    np.testing.assert_allclose(np.asarray(model(g["input_ids"])), g["logits"], atol=tol("float32"), rtol=0)

@@ -94,3 +94,13 @@ def test_remat_gives_same_gradients():
     a, b = grads(cfg), grads(cfg.replace(remat=True))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_ids_edge_cases(model):
+    with pytest.raises(ValueError, match="length 0"):
+        model(np.zeros((1, 0), np.int32))
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        model(np.zeros((1, 65), np.int32))
+    with pytest.raises(ValueError, match="return_mtp needs more than 2 tokens"):
+        model(np.zeros((1, 2), np.int32), return_mtp=True)
+    np.testing.assert_array_equal(np.asarray(model([[0, 1, 2]])), np.asarray(model(np.array([[0, 1, 2]]))))

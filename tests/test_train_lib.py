@@ -14,10 +14,12 @@ def tiny_model(**kw):
 
 def test_lr_schedule_shape():
     sched = train_lib.lr_schedule(1.0, 0.1, warmup_steps=10, decay_start=50, total_steps=100)
-    assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(0.5)
-    assert float(sched(10)) == pytest.approx(1.0) and float(sched(49)) == pytest.approx(1.0)
+    assert float(sched(0)) == pytest.approx(0.1) and float(sched(4)) == pytest.approx(0.5)
+    assert float(sched(9)) == pytest.approx(1.0) and float(sched(49)) == pytest.approx(1.0)
     assert float(sched(75)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)  # cosine midpoint
     assert float(sched(100)) == pytest.approx(0.1)
+    no_warmup = train_lib.lr_schedule(1.0, 0.1, warmup_steps=0, decay_start=0, total_steps=10)
+    assert float(no_warmup(0)) == pytest.approx(1.0) and float(no_warmup(10)) == pytest.approx(0.1)
 
 
 def test_decay_mask_skips_norms_embeddings_and_biases():
