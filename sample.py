@@ -1,7 +1,7 @@
 """Sample text from a trained checkpoint, streaming tokens as they are generated.
 
-  python sample.py --workdir=runs/shakespeare --prompt="ROMEO:" --max_new_tokens=200
-  options: --temperature=0.8 --top_k=50 --top_p=0.95 --seed=0 --step=N --checkpoint=DIR
+python sample.py --workdir=runs/shakespeare --prompt="ROMEO:" --max_new_tokens=200
+options: --temperature=0.8 --top_k=50 --top_p=0.95 --seed=0 --step=N --checkpoint=DIR
 """
 
 import sys
@@ -13,7 +13,9 @@ from absl import logging as absl_logging
 from dsv3_jax import checkpoint, data, sampling
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (its latest checkpoint).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoints folder (instead of --workdir).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A checkpoints folder (instead of --workdir)."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _PROMPT = flags.DEFINE_string("prompt", "ROMEO:", "Prompt text (a BOS is prepended).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
@@ -34,7 +36,7 @@ class _Streamer:
         self.ids.append(int(self.vocab.to_original(tok)) if self.vocab else tok)
         text = data.decode(self.tokenizer, self.ids)
         if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.write(text[len(self.printed) :])
             sys.stdout.flush()
             self.printed = text
 
@@ -58,7 +60,9 @@ def main(argv):
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     if _TEMPERATURE.value == 0 and (_TOP_K.value is not None or _TOP_P.value is not None):
-        print("note: --temperature=0 is greedy decoding; --top_k/--top_p are ignored", file=sys.stderr)
+        print(
+            "note: --temperature=0 is greedy decoding; --top_k/--top_p are ignored", file=sys.stderr
+        )
     tokenizer = data.load_tokenizer()
     vocab = data.CompactVocab(meta["vocab"]) if meta.get("vocab") else None
     ids = data.encode_document(tokenizer, _PROMPT.value)
@@ -70,16 +74,26 @@ def main(argv):
         ids = vocab.to_compact(ids)
     try:
         sampling.check_sampling_args(
-            model.config.max_position_embeddings, len(ids), _MAX_NEW.value, _TEMPERATURE.value,
-            _TOP_K.value, _TOP_P.value,
+            model.config.max_position_embeddings,
+            len(ids),
+            _MAX_NEW.value,
+            _TEMPERATURE.value,
+            _TOP_K.value,
+            _TOP_P.value,
         )
     except ValueError as err:
         _fail(str(err))
     print(f"[checkpoint step {meta['step']}, {model.config.vocab_size} ids]", file=sys.stderr)
     sys.stdout.write(_PROMPT.value)
     sampling.generate(
-        model, ids[None, :], _MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-        top_p=_TOP_P.value, seed=_SEED.value, callback=_Streamer(tokenizer, vocab),
+        model,
+        ids[None, :],
+        _MAX_NEW.value,
+        temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value,
+        top_p=_TOP_P.value,
+        seed=_SEED.value,
+        callback=_Streamer(tokenizer, vocab),
     )
     sys.stdout.write("\n")
 

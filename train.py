@@ -1,6 +1,6 @@
 """Train a DeepSeek-V3 on Shakespeare. Rerunning the same command resumes from the latest checkpoint.
 
-  python train.py --config=configs/shakespeare.py --workdir=runs/shakespeare [--config.train.steps=N]
+python train.py --config=configs/shakespeare.py --workdir=runs/shakespeare [--config.train.steps=N]
 """
 
 import logging
@@ -12,8 +12,12 @@ from ml_collections import config_flags
 
 from dsv3_jax import trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard events, logs.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "ml_collections config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: checkpoints, TensorBoard events, logs."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

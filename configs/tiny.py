@@ -12,5 +12,7 @@ def get_config():
         num_experts_per_tok=2, n_group=4, topk_group=2, max_position_embeddings=256,
     )  # fmt: skip
     c.data.update(seq_len=32, eval_batch_size=256)
-    c.train.update(steps=8, batch_size=4, warmup_steps=2, log_every=2, eval_every=8, save_every=2, keep=2)
+    c.train.update(
+        steps=8, batch_size=4, warmup_steps=2, log_every=2, eval_every=8, save_every=2, keep=2
+    )
     return c

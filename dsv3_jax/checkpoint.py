@@ -66,7 +66,9 @@ def restore_meta(manager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def load_checkpoint(path: str | os.PathLike, step: int | None = None, **config_overrides) -> tuple[DeepseekV3, dict]:
+def load_checkpoint(
+    path: str | os.PathLike, step: int | None = None, **config_overrides
+) -> tuple[DeepseekV3, dict]:
     """Loads a model from a training checkpoint.
 
     Args:
@@ -85,7 +87,9 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None, **config_o
     if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "model")):
         # A step folder (checkpoints/<step>): load that step.
         if step is not None and step != int(os.path.basename(path)):
-            raise ValueError(f"{path} is step {os.path.basename(path)}, but step={step} was asked for")
+            raise ValueError(
+                f"{path} is step {os.path.basename(path)}, but step={step} was asked for"
+            )
         path, step = os.path.dirname(path), int(os.path.basename(path))
     ckpt = checkpoint_dir(path) if os.path.isdir(os.path.join(path, "checkpoints")) else path
     if not os.path.isdir(ckpt) or not any(d.isdigit() for d in os.listdir(ckpt)):
@@ -94,20 +98,28 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None, **config_o
             "or such a checkpoints folder)"
         )
     manager = ocp.CheckpointManager(
-        ckpt, item_handlers={"model": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        ckpt,
+        item_handlers={
+            "model": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
     )
     kept = list(manager.all_steps())
     step = manager.latest_step() if step is None else step
     if step is None or step not in kept:
-        raise FileNotFoundError(f"no complete checkpoint of step {step} in {ckpt}; kept steps: {sorted(kept)}")
+        raise FileNotFoundError(
+            f"no complete checkpoint of step {step} in {ckpt}; kept steps: {sorted(kept)}"
+        )
     meta = restore_meta(manager, step)
     config = ModelConfig.from_dict({**meta["model_config"], **config_overrides})
-    abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=meta.get("mtp", True)))
-    graphdef, abstract_state = nnx.split(abstract)
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state
+    abstract = nnx.eval_shape(
+        lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=meta.get("mtp", True))
     )
-    restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+    graphdef, abstract_state = nnx.split(abstract)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
+    restored = manager.restore(
+        step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target))
+    )
     manager.close()
     meta = dict(meta, step=step)
     return nnx.merge(graphdef, restored["model"]), meta

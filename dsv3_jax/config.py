@@ -136,9 +136,13 @@ class ModelConfig:
         if self.q_lora_rank is not None and (
             not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0
         ):
-            raise ValueError(f"ModelConfig.q_lora_rank must be a positive int or None, got {self.q_lora_rank!r}")
+            raise ValueError(
+                f"ModelConfig.q_lora_rank must be a positive int or None, got {self.q_lora_rank!r}"
+            )
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"ModelConfig.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+            raise ValueError(
+                f"ModelConfig.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}"
+            )
         for name in ("rms_norm_eps", "rope_theta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -178,9 +182,13 @@ class ModelConfig:
                 "DeepSeek-V3)"
             )
         if self.hidden_act != "silu":
-            raise ValueError(f"ModelConfig.hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+            raise ValueError(
+                f"ModelConfig.hidden_act {self.hidden_act!r} is not supported (only 'silu')"
+            )
         if self.attention_bias:
-            raise ValueError("ModelConfig.attention_bias=True is not supported (DeepSeek-V3 has none)")
+            raise ValueError(
+                "ModelConfig.attention_bias=True is not supported (DeepSeek-V3 has none)"
+            )
         if self.tie_word_embeddings:
             raise ValueError("ModelConfig.tie_word_embeddings=True is not supported (V3 is untied)")
         if self.rope_scaling is not None:
@@ -210,7 +218,9 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> ModelConfig:
+    def from_hf(
+        cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides
+    ) -> ModelConfig:
         """Builds a config from an HF ``config.json`` (a path, its directory, or the parsed dict).
 
         Reads ``rope_scaling`` (official checkpoint; ``type`` or ``rope_type``) and transformers 5.x
@@ -290,4 +300,3 @@ class ModelConfig:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         return cls(**d)
-

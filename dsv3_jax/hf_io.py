@@ -53,7 +53,9 @@ class SafetensorsDir:
             raise FileNotFoundError(f"no *.safetensors files in {self.path}")
         missing = [f for f in files if not os.path.exists(os.path.join(self.path, f))]
         if missing:
-            raise FileNotFoundError(f"shard files named by the index are missing in {self.path}: {missing}")
+            raise FileNotFoundError(
+                f"shard files named by the index are missing in {self.path}: {missing}"
+            )
         # Files not in the index (e.g. extra MTP shards) are read too.
         extra = sorted(
             f for f in os.listdir(self.path) if f.endswith(".safetensors") and f not in files
@@ -129,7 +131,10 @@ def _layer_table(prefix: str, config: ModelConfig, moe: bool, fused: bool) -> di
     else:
         for n in ("gate_proj", "up_proj", "down_proj"):
             names = [f"{p}mlp.experts.{i}.{n}.weight" for i in range(e)]
-            ours[f"mlp.{n}"] = (lambda get, names=names: jnp.stack([get(x).T for x in names]), names)
+            ours[f"mlp.{n}"] = (
+                lambda get, names=names: jnp.stack([get(x).T for x in names]),
+                names,
+            )
     return ours
 
 
@@ -137,7 +142,10 @@ def conversion_table(config: ModelConfig, names: set[str], with_mtp: bool) -> di
     """Our flat state path -> (reader, list of HF tensor names it reads)."""
     fused = any(n.endswith("mlp.experts.gate_up_proj") for n in names)
     table: dict[tuple, tuple] = {
-        ("embed_tokens", "embedding"): (_same("model.embed_tokens.weight"), ["model.embed_tokens.weight"]),
+        ("embed_tokens", "embedding"): (
+            _same("model.embed_tokens.weight"),
+            ["model.embed_tokens.weight"],
+        ),
         ("norm", "weight"): (_same("model.norm.weight"), ["model.norm.weight"]),
         ("lm_head", "kernel"): (_t("lm_head.weight"), ["lm_head.weight"]),
     }
@@ -167,7 +175,10 @@ def conversion_table(config: ModelConfig, names: set[str], with_mtp: bool) -> di
                 ("shared_head_norm.weight", "shared_head.norm.weight"),
             ):
                 table[("mtp", k, *ours.split("."))] = (_same(p + hf), [p + hf])
-            table[("mtp", k, "eh_proj", "kernel")] = (_t(p + "eh_proj.weight"), [p + "eh_proj.weight"])
+            table[("mtp", k, "eh_proj", "kernel")] = (
+                _t(p + "eh_proj.weight"),
+                [p + "eh_proj.weight"],
+            )
     return table
 
 
@@ -181,7 +192,9 @@ def mtp_copies(config: ModelConfig) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- loading
-def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, **config_overrides) -> DeepseekV3:
+def load_hf_checkpoint(
+    path: str | os.PathLike, dtype=jnp.float32, **config_overrides
+) -> DeepseekV3:
     """Loads an HF DeepSeek-V3 directory (config.json + unquantized safetensors) into the model.
 
     Args:
@@ -212,13 +225,17 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, **config_over
             f"{os.fspath(path)} holds FP8-quantized weights ({len(scales)} *_scale_inv tensors, e.g. "
             f"{scales[0]}); this loader reads unquantized float32/bf16/fp16 checkpoints only"
         )
-    mtp_prefixes = [f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers)]
+    mtp_prefixes = [
+        f"model.layers.{config.num_hidden_layers + k}."
+        for k in range(config.num_nextn_predict_layers)
+    ]
     has_mtp = any(n.startswith(tuple(mtp_prefixes)) for n in names) if mtp_prefixes else False
     if config.num_nextn_predict_layers and not has_mtp:
         log.warning(
             "%s: config counts %d MTP layer(s) but the files hold no MTP tensors "
             "(transformers does not save them); loading the main model without MTP.",
-            path, config.num_nextn_predict_layers,
+            path,
+            config.num_nextn_predict_layers,
         )
     abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=has_mtp))
     graphdef, abstract_state = nnx.split(abstract)
@@ -240,7 +257,9 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, **config_over
     complete = {p: e for p, e in table.items() if all(n in names for n in e[1])}
     problems += _shape_problems(complete, flat, files)
     if problems:
-        raise CheckpointError(f"checkpoint {os.fspath(path)} does not fit its config:\n  " + "\n  ".join(problems))
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)} does not fit its config:\n  " + "\n  ".join(problems)
+        )
 
     # The router and correction bias are float32 in the model whatever ``dtype`` is.
     values = {p: jnp.asarray(reader(files.read), flat[p].dtype) for p, (reader, _) in table.items()}
@@ -263,12 +282,15 @@ def _shape_problems(table, flat, files: SafetensorsDir) -> list[str]:
             usual = Counter(shapes).most_common(1)[0][0]
             out += [
                 f"shape mismatch for {n}: file has {shape}, its {len(hf) - 1} siblings have {usual}"
-                for n, shape in zip(hf, shapes, strict=True) if shape != usual
+                for n, shape in zip(hf, shapes, strict=True)
+                if shape != usual
             ]
             continue
         want = flat[p].shape
         if tuple(got) != tuple(want):
             src = hf[0] if len(hf) == 1 else f"{hf[0]} (+{len(hf) - 1} more)"
             shapes = ", ".join(str(files.shape_of[n]) for n in hf[:2])
-            out.append(f"shape mismatch for {src}: file has {shapes}, model expects {tuple(want)} (as {'.'.join(map(str, p))})")
+            out.append(
+                f"shape mismatch for {src}: file has {shapes}, model expects {tuple(want)} (as {'.'.join(map(str, p))})"
+            )
     return out

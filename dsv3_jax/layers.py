@@ -62,7 +62,8 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, axis: str, config: ModelConfig, eps: float | None = None):
         self.weight = nnx.Param(
-            jnp.ones((dim,), dtype_of(config.param_dtype)), out_sharding=(axis,),
+            jnp.ones((dim,), dtype_of(config.param_dtype)),
+            out_sharding=(axis,),
             eager_sharding=eager_sharding(),
         )
         self.eps = config.rms_norm_eps if eps is None else eps
@@ -79,7 +80,9 @@ class Embed(nnx.Module):
     """Token embedding [vocab_size, hidden_size]."""
 
     def __init__(self, config: ModelConfig, *, rngs):
-        self.embedding = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
+        self.embedding = param(
+            rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config
+        )
         self.dtype = dtype_of(config.dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:

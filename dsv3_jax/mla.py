@@ -35,7 +35,9 @@ class LatentCache(NamedTuple):
     k_rope: jax.Array
 
 
-def write_cache(cache: LatentCache, c_kv: jax.Array, k_rope: jax.Array, start: jax.Array) -> LatentCache:
+def write_cache(
+    cache: LatentCache, c_kv: jax.Array, k_rope: jax.Array, start: jax.Array
+) -> LatentCache:
     """Writes [b, s, .] entries at cache slots start[b] .. start[b] + s - 1 of each row."""
 
     def one(buf, new, i):
@@ -70,7 +72,11 @@ class MLA(nnx.Module):
     def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         cfg = self.config
         return rope.apply_rope(
-            x, positions, rope.rope_inv_freq(cfg), rope.rope_attention_factor(cfg), cfg.rope_interleave
+            x,
+            positions,
+            rope.rope_inv_freq(cfg),
+            rope.rope_attention_factor(cfg),
+            cfg.rope_interleave,
         )
 
     def latent(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -136,7 +142,9 @@ class MLA(nnx.Module):
         return out, cache
 
 
-def init_cache(config: ModelConfig, num_layers: int, batch: int, max_len: int, dtype=None) -> LatentCache:
+def init_cache(
+    config: ModelConfig, num_layers: int, batch: int, max_len: int, dtype=None
+) -> LatentCache:
     """Zero cache for ``num_layers`` stacked layers: c_kv [l, b, t, c], k_rope [l, b, t, r]."""
     dtype = dtype_of(config.dtype) if dtype is None else dtype
     return LatentCache(

@@ -30,7 +30,9 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(d, "embed", config)
         self.self_attn = MLA(config, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(d, "embed", config)
-        self.mlp = MoE(config, rngs=rngs) if moe else MLP(config, config.intermediate_size, rngs=rngs)
+        self.mlp = (
+            MoE(config, rngs=rngs) if moe else MLP(config, config.intermediate_size, rngs=rngs)
+        )
 
     def __call__(self, h, positions, cache: LatentCache | None = None):
         """h [b, s, d] -> (h [b, s, d], aux dict (MoE: load [e], balance []), cache)."""
@@ -79,7 +81,9 @@ class MTPModule(nnx.Module):
         self.enorm = RMSNorm(d, "embed", config)
         self.hnorm = RMSNorm(d, "embed", config)
         self.eh_proj = Linear(2 * d, d, ("mtp_concat", "embed"), config, rngs=rngs)
-        self.block = DecoderLayer(config, moe=True, rngs=rngs)  # layer index >= first_k_dense_replace
+        self.block = DecoderLayer(
+            config, moe=True, rngs=rngs
+        )  # layer index >= first_k_dense_replace
         self.shared_head_norm = RMSNorm(d, "embed", config)
 
     def __call__(self, h_prev, emb_next, positions):
@@ -112,7 +116,9 @@ class DeepseekV3(nnx.Module):
         self.dense_layers = _stack(config, False, n_dense, rngs) if n_dense else None
         self.moe_layers = _stack(config, True, n_moe, rngs) if n_moe else None
         self.norm = RMSNorm(config.hidden_size, "embed", config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), config, rngs=rngs)
+        self.lm_head = Linear(
+            config.hidden_size, config.vocab_size, ("embed", "vocab"), config, rngs=rngs
+        )
         n_mtp = config.num_nextn_predict_layers if mtp else 0
         self.mtp = nnx.List([MTPModule(config, rngs=rngs) for _ in range(n_mtp)])
 
@@ -139,7 +145,9 @@ class DeepseekV3(nnx.Module):
         if return_mtp and not self.num_mtp:
             raise ValueError("this model has no MTP modules (loaded without MTP weights)")
         if return_mtp and np.shape(input_ids)[1] <= self.num_mtp:
-            raise ValueError(f"return_mtp needs more than {self.num_mtp} tokens per row, got {input_ids.shape[1]}")
+            raise ValueError(
+                f"return_mtp needs more than {self.num_mtp} tokens per row, got {input_ids.shape[1]}"
+            )
         input_ids = jnp.asarray(input_ids)
         out = self.forward(input_ids)
         if not return_mtp:
@@ -151,14 +159,18 @@ class DeepseekV3(nnx.Module):
         """Main model. input_ids int [b, s]; positions int [b, s] (default 0..s-1); optional cache."""
         cfg = self.config
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+            positions = jnp.broadcast_to(
+                jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape
+            )
         h = self.embed_tokens(input_ids)  # [b, s, d]
         cache = cache or {}
         new_cache, aux = {}, {}
         for name, layers in (("dense", self.dense_layers), ("moe", self.moe_layers)):
             if layers is None:
                 continue
-            h, layer_aux, new_cache[name] = _run_stack(layers, h, positions, cache.get(name), cfg.remat)
+            h, layer_aux, new_cache[name] = _run_stack(
+                layers, h, positions, cache.get(name), cfg.remat
+            )
             if name == "moe":
                 aux = layer_aux
         hidden = self.norm(h)
@@ -180,7 +192,9 @@ class DeepseekV3(nnx.Module):
             h = h[:, : s - k]
             emb = self.embed_tokens(input_ids[:, k:])  # Emb(x_{t+k}) for t < s - k
             h, aux = module(h, emb, positions[:, : s - k])
-            logits.append(linear(module.shared_head_norm(h), self.lm_head.kernel[...], h.dtype, jnp.float32))
+            logits.append(
+                linear(module.shared_head_norm(h), self.lm_head.kernel[...], h.dtype, jnp.float32)
+            )
             auxes.append(aux)
         return logits, auxes
 
@@ -204,9 +218,13 @@ def check_input_ids(input_ids, vocab_size: int, max_len: int | None = None) -> N
         return
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be an int array [batch, seq], got {ids.dtype} {ids.shape}")
+        raise ValueError(
+            f"input_ids must be an int array [batch, seq], got {ids.dtype} {ids.shape}"
+        )
     if ids.shape[1] < 1 or (max_len is not None and ids.shape[1] > max_len):
-        raise ValueError(f"input_ids length {ids.shape[1]} is outside [1, max_position_embeddings={max_len}]")
+        raise ValueError(
+            f"input_ids length {ids.shape[1]} is outside [1, max_position_embeddings={max_len}]"
+        )
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = np.unique(ids[(ids < 0) | (ids >= vocab_size)])[:10]
         raise ValueError(f"input_ids outside [0, vocab_size={vocab_size}): {bad.tolist()}")
@@ -227,5 +245,7 @@ def count_params(config: ModelConfig) -> tuple[int, int]:
     routed = 0
     if moe is not None:
         routed = sum(int(np.prod(moe[n].shape)) for n in ("gate_proj", "up_proj", "down_proj"))
-    inactive = routed * (config.n_routed_experts - config.num_experts_per_tok) // config.n_routed_experts
+    inactive = (
+        routed * (config.n_routed_experts - config.num_experts_per_tok) // config.n_routed_experts
+    )
     return total, total - inactive

@@ -36,9 +36,7 @@ class ExpertBias(nnx.Variable):
 
 
 # ----------------------------------------------------------------------------- routing
-def route(
-    scores: jax.Array, bias: jax.Array, config: ModelConfig
-) -> tuple[jax.Array, jax.Array]:
+def route(scores: jax.Array, bias: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """Group-limited top-k selection on biased scores, gates from unbiased scores.
 
     Args:
@@ -135,8 +133,13 @@ class _BlockLayout:
 
 
 def expert_ffn(
-    x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-    w_down: jax.Array, dtype, impl: str = "auto",
+    x_sorted: jax.Array,
+    group_sizes: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    dtype,
+    impl: str = "auto",
 ) -> jax.Array:
     """SwiGLU experts on rows sorted by expert: down_e(silu(gate_e(x)) * up_e(x)).
 
@@ -169,11 +172,14 @@ class Router(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.kernel = param(
-            rngs, (config.hidden_size, config.n_routed_experts), ("embed", "experts"),
+            rngs,
+            (config.hidden_size, config.n_routed_experts),
+            ("embed", "experts"),
             config.replace(param_dtype="float32"),
         )
         self.e_score_correction_bias = ExpertBias(
-            jnp.zeros((config.n_routed_experts,), jnp.float32), out_sharding=("experts",),
+            jnp.zeros((config.n_routed_experts,), jnp.float32),
+            out_sharding=("experts",),
             eager_sharding=eager_sharding(),
         )
 
@@ -222,8 +228,13 @@ class MoE(nnx.Module):
             x_sorted = x.reshape(-1, d)[token]  # [m, d]
         with jax.named_scope("experts"):
             y = expert_ffn(
-                x_sorted, group_sizes, self.gate_proj[...], self.up_proj[...], self.down_proj[...],
-                dtype_of(cfg.dtype), cfg.moe_impl,
+                x_sorted,
+                group_sizes,
+                self.gate_proj[...],
+                self.up_proj[...],
+                self.down_proj[...],
+                dtype_of(cfg.dtype),
+                cfg.moe_impl,
             )  # [m, d]
         with jax.named_scope("combine"):
             y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]

@@ -97,7 +97,10 @@ def softmax_scale(config: ModelConfig) -> float:
 
 
 def apply_rope(
-    x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray, attention_factor: float = 1.0,
+    x: jnp.ndarray,
+    positions: jnp.ndarray,
+    inv_freq: np.ndarray,
+    attention_factor: float = 1.0,
     interleave: bool = True,
 ) -> jnp.ndarray:
     """Rotates the rope dims of ``x``.

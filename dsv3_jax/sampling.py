@@ -23,6 +23,7 @@ _CACHE_BUCKET = 64  # cache lengths are rounded up to this, so prompts of simila
 # Donation saves a copy on GPU/TPU; the CPU backend ignores it (and would warn each compile).
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _prefill(graphdef, state, input_ids, cache):
     model = nnx.merge(graphdef, state)
@@ -38,7 +39,9 @@ def _decode_step(graphdef, state, token, position, cache):
     return out.logits[:, -1], out.cache
 
 
-def filter_logits(logits: jax.Array, top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+def filter_logits(
+    logits: jax.Array, top_k: int | None = None, top_p: float | None = None
+) -> jax.Array:
     """Masks logits [b, w] outside the top-k and/or the nucleus of mass top_p to -inf.
 
     Nucleus: the smallest set of most likely tokens whose probability reaches top_p (the token
@@ -53,7 +56,11 @@ def filter_logits(logits: jax.Array, top_k: int | None = None, top_p: float | No
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
         keep_sorted = mass_before < top_p
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        keep = (
+            jnp.zeros_like(keep_sorted)
+            .at[jnp.arange(logits.shape[0])[:, None], order]
+            .set(keep_sorted)
+        )
         logits = jnp.where(keep, logits, -jnp.inf)
     return logits
 
@@ -123,7 +130,9 @@ def generate(
         return ids
     graphdef, state = nnx.split(model)
     total = s + max_new_tokens
-    cache_len = max(total, min(-(-total // _CACHE_BUCKET) * _CACHE_BUCKET, cfg.max_position_embeddings))
+    cache_len = max(
+        total, min(-(-total // _CACHE_BUCKET) * _CACHE_BUCKET, cfg.max_position_embeddings)
+    )
     cache = model.init_cache(b, cache_len)
     greedy = temperature == 0.0
     key = jax.random.key(seed)
@@ -131,7 +140,14 @@ def generate(
     out = [ids]
     for i in range(max_new_tokens):
         key, sub = jax.random.split(key)
-        token = sample_token(logits, sub, jnp.float32(max(temperature, 1e-6)), top_k=top_k, top_p=top_p, greedy=greedy)
+        token = sample_token(
+            logits,
+            sub,
+            jnp.float32(max(temperature, 1e-6)),
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+        )
         out.append(token[:, None])
         if callback is not None:
             callback(np.asarray(token))

@@ -32,14 +32,18 @@ class LossWeights:
 
 
 # ----------------------------------------------------------------------------- optimizer
-def lr_schedule(peak_lr: float, min_lr: float, warmup_steps: int, decay_start: int, total_steps: int):
+def lr_schedule(
+    peak_lr: float, min_lr: float, warmup_steps: int, decay_start: int, total_steps: int
+):
     """Learning rate for optimizer step ``count`` (0-based), as in V3 section 4.2.
 
     Linear warmup peak_lr * (count + 1) / warmup_steps (so the first step already learns), then
     constant until ``decay_start``, then cosine to ``min_lr`` at ``total_steps``.
     """
     decay_start = max(decay_start, warmup_steps)
-    decay = optax.cosine_decay_schedule(peak_lr, max(total_steps - decay_start, 1), alpha=min_lr / peak_lr)
+    decay = optax.cosine_decay_schedule(
+        peak_lr, max(total_steps - decay_start, 1), alpha=min_lr / peak_lr
+    )
     if warmup_steps < 1:
         return optax.join_schedules([optax.constant_schedule(peak_lr), decay], [decay_start])
     warmup = optax.linear_schedule(peak_lr / warmup_steps, peak_lr, max(warmup_steps - 1, 1))
@@ -132,6 +136,7 @@ def split_model(model: DeepseekV3):
 
 # Donation saves a copy on GPU/TPU; the CPU backend ignores it (and would warn each compile).
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4, 5))
 def train_step(graphdef, tx, weights: LossWeights, params, biases, opt_state, tokens):

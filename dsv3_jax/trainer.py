@@ -97,12 +97,22 @@ def train(cfg, workdir: str) -> dict:
     """
     check_run_config(cfg, workdir)
     os.makedirs(workdir, exist_ok=True)
-    log.info("jax %s on %s, devices %s, python %s", jax.__version__, jax.default_backend(),
-                 jax.devices(), platform.python_version())
+    log.info(
+        "jax %s on %s, devices %s, python %s",
+        jax.__version__,
+        jax.default_backend(),
+        jax.devices(),
+        platform.python_version(),
+    )
     t = cfg.train
     train_tokens, val_tokens, vocab = prepare_data(cfg)
     mcfg = model_config(cfg, vocab)
-    log.info("train tokens %d, val tokens %d, vocab %d", len(train_tokens), len(val_tokens), mcfg.vocab_size)
+    log.info(
+        "train tokens %d, val tokens %d, vocab %d",
+        len(train_tokens),
+        len(val_tokens),
+        mcfg.vocab_size,
+    )
 
     model = DeepseekV3(mcfg, rngs=nnx.Rngs(t.seed))
     graphdef, params, biases = train_lib.split_model(model)
@@ -112,19 +122,29 @@ def train(cfg, workdir: str) -> dict:
     decay_start = int(t.steps * t.decay_start_fraction)
     schedule = train_lib.lr_schedule(t.lr, t.min_lr, t.warmup_steps, decay_start, t.steps)
     tx = train_lib.make_optimizer(
-        schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, clip=t.clip,
+        schedule,
+        b1=t.b1,
+        b2=t.b2,
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+        clip=t.clip,
         mask=train_lib.decay_mask(params, t.decay_embeddings),
     )
     opt_state = tx.init(params)
     weights = train_lib.LossWeights(t.mtp_lambda, t.balance_alpha, t.bias_gamma)
     dataset = data.make_train_dataset(train_tokens, cfg.data.seq_len, t.batch_size, t.seed)
     data_iter = iter(dataset)
-    val = data.val_batches(val_tokens, cfg.data.seq_len, cfg.data.eval_batch_size, pad_id=mcfg.bos_token_id)
+    val = data.val_batches(
+        val_tokens, cfg.data.seq_len, cfg.data.eval_batch_size, pad_id=mcfg.bos_token_id
+    )
 
     manager = checkpoint.make_manager(workdir, t.keep)
     run_config = {"data": cfg.data.to_dict(), "train": cfg.train.to_dict()}
     meta = checkpoint.meta_for(
-        mcfg, None if vocab is None else vocab.original_ids, model.num_mtp, {"run_config": run_config}
+        mcfg,
+        None if vocab is None else vocab.original_ids,
+        model.num_mtp,
+        {"run_config": run_config},
     )
     step = manager.latest_step() or 0
     if step:
@@ -148,9 +168,11 @@ def train(cfg, workdir: str) -> dict:
         changed = _changes(saved.get("run_config", {}), run_config)
         if changed:
             log.warning(
-                "resuming with changed settings (saved -> now): %s%s", changed,
+                "resuming with changed settings (saved -> now): %s%s",
+                changed,
                 "; the learning-rate schedule is rebuilt for the new train.steps"
-                if "train.steps" in changed else "",
+                if "train.steps" in changed
+                else "",
             )
     else:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -172,14 +194,22 @@ def train(cfg, workdir: str) -> dict:
             steps_done, last_step = step - last_step, step
             # The first step's time is mostly compilation: no throughput for it.
             first = step == start_step + 1
-            metrics["tokens_per_s"] = float("nan") if first else steps_done * tokens_per_step / max(now - last, 1e-9)
+            metrics["tokens_per_s"] = (
+                float("nan") if first else steps_done * tokens_per_step / max(now - last, 1e-9)
+            )
             metrics["lr"] = float(schedule(step - 1))
             last = now
             log.info(
                 "step %d | loss %.4f | ce %.4f | mtp %.4f | lr %.2e | grad_norm %.3f | %.0f tok/s | "
                 "expert load max/mean %.2f",
-                step, metrics["loss"], metrics["ce"], metrics.get("mtp_ce", float("nan")), metrics["lr"],
-                metrics["grad_norm"], metrics["tokens_per_s"], metrics["load_max_over_mean"],
+                step,
+                metrics["loss"],
+                metrics["ce"],
+                metrics.get("mtp_ce", float("nan")),
+                metrics["lr"],
+                metrics["grad_norm"],
+                metrics["tokens_per_s"],
+                metrics["load_max_over_mean"],
             )
             for k, v in metrics.items():
                 writer.add_scalar(f"train/{k}", v, step)
@@ -197,7 +227,12 @@ def train(cfg, workdir: str) -> dict:
     metrics["step"] = step
     if step == start_step:  # nothing left to train: report the saved model, rewrite nothing
         metrics["val_loss"] = evaluate(graphdef, params, biases, val)
-        log.info("already at step %d of %d | validation loss %.4f nats/token", step, t.steps, metrics["val_loss"])
+        log.info(
+            "already at step %d of %d | validation loss %.4f nats/token",
+            step,
+            t.steps,
+            metrics["val_loss"],
+        )
         return metrics
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
@@ -214,4 +249,3 @@ def _changes(saved: dict, now: dict, prefix: str = "") -> dict:
         elif a != b:
             out[f"{prefix}{key}"] = (a, b)
     return out
-

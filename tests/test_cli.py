@@ -15,7 +15,15 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args, env, **kw):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +35,10 @@ def env(tmp_path_factory):
 
 def train_args(workdir, env, steps=8):
     return [
-        "train.py", "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.train.steps={steps}",
+        "train.py",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.train.steps={steps}",
         f"--config.data.cache_dir={env['DSV3_CACHE']}",
     ]
 
@@ -47,19 +58,33 @@ def test_train_writes_checkpoints_metrics_and_tensorboard(straight_run):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["6", "8"]  # keep=2
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tb"))
     log = r.stderr
-    for word in ("loss", "mtp", "lr", "grad_norm", "tok/s", "expert load max/mean", "validation loss"):
+    for word in (
+        "loss",
+        "mtp",
+        "lr",
+        "grad_norm",
+        "tok/s",
+        "expert load max/mean",
+        "validation loss",
+    ):
         assert word in log
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, env, straight_run):
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, *train_args(workdir, env)], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [sys.executable, *train_args(workdir, env)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.time() + 300
     while not (workdir / "checkpoints" / "4").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its step-4 checkpoint"
+        assert proc.poll() is None and time.time() < deadline, (
+            "run ended before its step-4 checkpoint"
+        )
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -84,12 +109,32 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, env, straight_run):
 
 def test_sample_streams_text_from_the_checkpoint(straight_run, env):
     workdir, _ = straight_run
-    r = _run(["sample.py", f"--workdir={workdir}", "--prompt=ROMEO:", "--max_new_tokens=12",
-              "--temperature=0.8", "--top_k=20", "--seed=1"], env)
+    r = _run(
+        [
+            "sample.py",
+            f"--workdir={workdir}",
+            "--prompt=ROMEO:",
+            "--max_new_tokens=12",
+            "--temperature=0.8",
+            "--top_k=20",
+            "--seed=1",
+        ],
+        env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith("ROMEO:") and len(r.stdout.strip()) > len("ROMEO:")
-    again = _run(["sample.py", f"--workdir={workdir}", "--prompt=ROMEO:", "--max_new_tokens=12",
-                  "--temperature=0.8", "--top_k=20", "--seed=1"], env)
+    again = _run(
+        [
+            "sample.py",
+            f"--workdir={workdir}",
+            "--prompt=ROMEO:",
+            "--max_new_tokens=12",
+            "--temperature=0.8",
+            "--top_k=20",
+            "--seed=1",
+        ],
+        env,
+    )
     assert again.stdout == r.stdout
 
 
@@ -139,7 +184,10 @@ def test_rerun_of_a_finished_run_rewrites_nothing(straight_run, env):
 
 
 def test_unknown_override_fails_with_the_absl_error(tmp_path, env):
-    r = _run(["train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.stepz=3"], env)
+    r = _run(
+        ["train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.stepz=3"],
+        env,
+    )
     assert r.returncode != 0 and "stepz" in r.stderr
 
 

@@ -15,7 +15,12 @@ TINY = dict(
 
 def test_defaults_are_the_671b_config():
     c = ModelConfig()
-    assert (c.hidden_size, c.num_hidden_layers, c.n_routed_experts, c.kv_lora_rank) == (7168, 61, 256, 512)
+    assert (c.hidden_size, c.num_hidden_layers, c.n_routed_experts, c.kv_lora_rank) == (
+        7168,
+        61,
+        256,
+        512,
+    )
     assert c.rope_scaling.factor == 40 and c.rope_scaling.original_max_position_embeddings == 4096
 
 
@@ -41,7 +46,10 @@ def test_count_params_tiny_by_hand():
 def test_from_hf_reads_rope_scaling_and_rope_parameters():
     official = ModelConfig.from_hf(GOLDENS / "d_yarn_mscale_official_cfg")
     modern = ModelConfig.from_hf(GOLDENS / "a_qlora_yarn_sharded_mtp" / "config.json")
-    assert official.rope_scaling.rope_type == "yarn" and official.rope_scaling.mscale == pytest.approx(0.707)
+    assert (
+        official.rope_scaling.rope_type == "yarn"
+        and official.rope_scaling.mscale == pytest.approx(0.707)
+    )
     assert modern.rope_scaling == RopeScaling(
         factor=4.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0
     )
@@ -51,7 +59,11 @@ def test_from_hf_reads_rope_scaling_and_rope_parameters():
 def test_from_hf_default_rope_and_null_q_lora():
     raw = json.loads((GOLDENS / "b_qproj_vdim_dense2_nonorm" / "config.json").read_text())
     c = ModelConfig.from_hf(raw)
-    assert c.rope_scaling is None and c.q_lora_rank is None and c.rope_theta == raw["rope_parameters"]["rope_theta"]
+    assert (
+        c.rope_scaling is None
+        and c.q_lora_rank is None
+        and c.rope_theta == raw["rope_parameters"]["rope_theta"]
+    )
 
 
 def test_from_hf_official_671b_dict():

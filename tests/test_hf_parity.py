@@ -31,17 +31,24 @@ def test_greedy_generate_matches_hf(golden_dir):
 
 
 def test_goldens_cover_the_required_cases():
-    cfgs = {p.name: json.loads((p / "config.json").read_text()) for p in GOLDENS.iterdir() if p.is_dir()}
+    cfgs = {
+        p.name: json.loads((p / "config.json").read_text()) for p in GOLDENS.iterdir() if p.is_dir()
+    }
     vals = list(cfgs.values())
     assert any(c["q_lora_rank"] is None for c in vals) and any(c["q_lora_rank"] for c in vals)
-    assert any(c.get("rope_scaling") or (c.get("rope_parameters") or {}).get("rope_type") == "yarn" for c in vals)
+    assert any(
+        c.get("rope_scaling") or (c.get("rope_parameters") or {}).get("rope_type") == "yarn"
+        for c in vals
+    )
     assert any(c["v_head_dim"] != c["qk_nope_head_dim"] for c in vals)
     assert {1, 2} <= {c["first_k_dense_replace"] for c in vals}
     assert any(not c["norm_topk_prob"] and c["routed_scaling_factor"] != 1 for c in vals)
     assert any(c["n_group"] > 1 for c in vals)
     neg = load_file(GOLDENS / "c_grouped_negbias" / "model.safetensors")
     biases = [v for k, v in neg.items() if k.endswith("e_score_correction_bias")]
-    assert biases and all((b < -1).all() for b in biases)  # every biased sigmoid score is below zero
+    assert biases and all(
+        (b < -1).all() for b in biases
+    )  # every biased sigmoid score is below zero
 
 
 def test_bf16_checkpoint_runs_in_bf16():
@@ -62,7 +69,9 @@ def test_mtp_weights_load_when_present():
     logits, mtp = model(g["input_ids"], return_mtp=True)
     assert mtp[0].shape == (2, g["input_ids"].shape[1] - 1, logits.shape[-1])
     mtp_file = load_file(GOLDENS / "a_qlora_yarn_sharded_mtp" / "mtp.safetensors")
-    np.testing.assert_array_equal(np.asarray(model.mtp[0].eh_proj.kernel[...]), mtp_file["model.layers.2.eh_proj.weight"].T)
+    np.testing.assert_array_equal(
+        np.asarray(model.mtp[0].eh_proj.kernel[...]), mtp_file["model.layers.2.eh_proj.weight"].T
+    )
 
 
 def test_missing_mtp_loads_main_model_and_says_so(caplog):
@@ -121,7 +130,9 @@ def test_fused_expert_names_load_the_same(broken):
         gate = [tensors.pop(f"{p}{e}.gate_proj.weight") for e in range(n)]
         up = [tensors.pop(f"{p}{e}.up_proj.weight") for e in range(n)]
         down = [tensors.pop(f"{p}{e}.down_proj.weight") for e in range(n)]
-        tensors[p + "gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up, strict=True)])
+        tensors[p + "gate_up_proj"] = np.stack(
+            [np.concatenate([g, u]) for g, u in zip(gate, up, strict=True)]
+        )
         tensors[p + "down_proj"] = np.stack(down)
     save_file(tensors, path / "model.safetensors")
     logits = np.asarray(load_hf_checkpoint(path)(golden["input_ids"]))
@@ -131,4 +142,6 @@ def test_fused_expert_names_load_the_same(broken):
 def test_load_accepts_the_config_json_path():
     g = np.load(GOLDENS / "c_grouped_negbias" / "golden.npz")
     model = load_hf_checkpoint(GOLDENS / "c_grouped_negbias" / "config.json")
-    np.testing.assert_allclose(np.asarray(model(g["input_ids"])), g["logits"], atol=tol("float32"), rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(model(g["input_ids"])), g["logits"], atol=tol("float32"), rtol=0
+    )

@@ -34,7 +34,13 @@ def np_rope(x, pos, inv, factor):
 
 def np_mla(p, x, cfg):
     """float64 reference of MLA for one sequence x [s, d] at positions 0..s-1."""
-    h, n, r, v, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    h, n, r, v, c = (
+        cfg.num_attention_heads,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.kv_lora_rank,
+    )
     s = len(x)
     pos = np.arange(s, dtype=np.float64)
     inv = rope.rope_inv_freq(cfg).astype(np.float64)
@@ -42,7 +48,10 @@ def np_mla(p, x, cfg):
     if cfg.q_lora_rank is None:
         q = x @ p["q_proj"]["kernel"]
     else:
-        q = np_rmsnorm(x @ p["q_a_proj"]["kernel"], p["q_a_layernorm"]["weight"], 1e-6) @ p["q_b_proj"]["kernel"]
+        q = (
+            np_rmsnorm(x @ p["q_a_proj"]["kernel"], p["q_a_layernorm"]["weight"], 1e-6)
+            @ p["q_b_proj"]["kernel"]
+        )
     q = q.reshape(s, h, n + r)
     q_nope, q_rope = q[..., :n], np_rope(q[..., n:], pos[:, None], inv, af)
     kv = x @ p["kv_a_proj_with_mqa"]["kernel"]
@@ -67,7 +76,9 @@ def test_mla_matches_float64_reference(q_lora, v_dim, yarn):
     pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
     out, _ = mla(jnp.asarray(x, jnp.float32), pos)
     params = nnx.to_pure_dict(nnx.state(mla))
-    params = {k: {kk: np.asarray(vv, np.float64) for kk, vv in v.items()} for k, v in params.items()}
+    params = {
+        k: {kk: np.asarray(vv, np.float64) for kk, vv in v.items()} for k, v in params.items()
+    }
     for b in range(2):
         np.testing.assert_allclose(np.asarray(out[b]), np_mla(params, x[b], cfg), atol=1e-5)
 
@@ -88,5 +99,9 @@ def test_latent_cache_decode_equals_full_forward(q_lora, v_dim, yarn):
         outs.append(o)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=1e-5)
     # The cache holds only (kv_lora_rank + qk_rope_head_dim) numbers per token.
-    assert cache.c_kv.shape == (2, 16, cfg.kv_lora_rank) and cache.k_rope.shape == (2, 16, cfg.qk_rope_head_dim)
+    assert cache.c_kv.shape == (2, 16, cfg.kv_lora_rank) and cache.k_rope.shape == (
+        2,
+        16,
+        cfg.qk_rope_head_dim,
+    )
     assert not np.asarray(cache.c_kv[:, 7:]).any()

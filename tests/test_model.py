@@ -11,7 +11,9 @@ from dsv3_jax.layers import linear
 
 @pytest.fixture(scope="module")
 def model():
-    return DeepseekV3(ModelConfig(**TINY, num_nextn_predict_layers=2, initializer_range=0.2), rngs=nnx.Rngs(0))
+    return DeepseekV3(
+        ModelConfig(**TINY, num_nextn_predict_layers=2, initializer_range=0.2), rngs=nnx.Rngs(0)
+    )
 
 
 @pytest.mark.parametrize("bad", [[[0, 64]], [[-1, 3]], [[0.5, 1.0]], [1, 2, 3]])
@@ -71,7 +73,11 @@ def test_layers_declare_logical_axes(model):
     axes = lambda *p: tuple(flat[p].get_metadata()["out_sharding"])
     assert axes("moe_layers", "mlp", "gate_proj") == ("layers", "experts", "embed", "mlp")
     assert axes("embed_tokens", "embedding") == ("vocab", "embed")
-    assert axes("dense_layers", "self_attn", "kv_b_proj", "kernel") == ("layers", "kv_lora", "heads")
+    assert axes("dense_layers", "self_attn", "kv_b_proj", "kernel") == (
+        "layers",
+        "kv_lora",
+        "heads",
+    )
     assert axes("moe_layers", "mlp", "gate", "e_score_correction_bias") == ("layers", "experts")
     for path, var in flat.items():  # every variable declares one name per axis
         assert len(var.get_metadata()["out_sharding"]) == var.ndim, path
@@ -80,7 +86,9 @@ def test_layers_declare_logical_axes(model):
 def test_linear_is_the_projection_helper():
     x = jnp.ones((2, 3, 4))
     w = jnp.arange(20.0).reshape(4, 5)
-    np.testing.assert_allclose(np.asarray(linear(x, w, jnp.float32)), np.asarray(jnp.einsum("bsi,io->bso", x, w)))
+    np.testing.assert_allclose(
+        np.asarray(linear(x, w, jnp.float32)), np.asarray(jnp.einsum("bsi,io->bso", x, w))
+    )
 
 
 def test_remat_gives_same_gradients():
@@ -103,4 +111,6 @@ def test_ids_edge_cases(model):
         model(np.zeros((1, 65), np.int32))
     with pytest.raises(ValueError, match="return_mtp needs more than 2 tokens"):
         model(np.zeros((1, 2), np.int32), return_mtp=True)
-    np.testing.assert_array_equal(np.asarray(model([[0, 1, 2]])), np.asarray(model(np.array([[0, 1, 2]]))))
+    np.testing.assert_array_equal(
+        np.asarray(model([[0, 1, 2]])), np.asarray(model(np.array([[0, 1, 2]])))
+    )

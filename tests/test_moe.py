@@ -53,7 +53,9 @@ router_cases = st.sampled_from(
 )
 
 
-@given(case=router_cases, norm=st.booleans(), seed=st.integers(0, 2**16), bias_shift=st.floats(-3, 0))
+@given(
+    case=router_cases, norm=st.booleans(), seed=st.integers(0, 2**16), bias_shift=st.floats(-3, 0)
+)
 def test_route_matches_reference_and_properties(case, norm, seed, bias_shift):
     e, g, tg, k = case
     cfg = cfg_for(e, g, tg, k, norm, 2.5)
@@ -65,8 +67,12 @@ def test_route_matches_reference_and_properties(case, norm, seed, bias_shift):
     want_idx, want_w = np_route(s, b, cfg)
     order = np.argsort(idx, 1)
     want_order = np.argsort(want_idx, 1)
-    np.testing.assert_array_equal(np.take_along_axis(idx, order, 1), np.take_along_axis(want_idx, want_order, 1))
-    np.testing.assert_allclose(np.take_along_axis(w, order, 1), np.take_along_axis(want_w, want_order, 1), rtol=1e-5)
+    np.testing.assert_array_equal(
+        np.take_along_axis(idx, order, 1), np.take_along_axis(want_idx, want_order, 1)
+    )
+    np.testing.assert_allclose(
+        np.take_along_axis(w, order, 1), np.take_along_axis(want_w, want_order, 1), rtol=1e-5
+    )
     # Every chosen expert lies in one of the topk_group kept groups.
     assert all(len(set(row // (e // g))) <= tg for row in idx)
     # Gates come from the unbiased scores, scaled by routed_scaling_factor exactly once.
@@ -96,7 +102,10 @@ def _np_swiglu(x, wg, wu, wd):
 
 
 @pytest.mark.parametrize("impl", ["blocked", "ragged"])
-@pytest.mark.parametrize("sizes", [[5, 0, 3, 0, 12, 1, 0, 3], [24, 0, 0, 0, 0, 0, 0, 0], [3] * 8, [0, 1, 0, 0, 0, 0, 0, 0]])
+@pytest.mark.parametrize(
+    "sizes",
+    [[5, 0, 3, 0, 12, 1, 0, 3], [24, 0, 0, 0, 0, 0, 0, 0], [3] * 8, [0, 1, 0, 0, 0, 0, 0, 0]],
+)
 def test_expert_ffn_equals_per_row_loop(impl, sizes):
     rng = np.random.default_rng(0)
     e, d, f = 8, 16, 12
@@ -105,11 +114,18 @@ def test_expert_ffn_equals_per_row_loop(impl, sizes):
     wg, wu = rng.normal(size=(2, e, d, f)) * 0.3
     wd = rng.normal(size=(e, f, d)) * 0.3
     got = expert_ffn(
-        jnp.asarray(x, jnp.float32), jnp.asarray(sizes, jnp.int32), jnp.asarray(wg, jnp.float32),
-        jnp.asarray(wu, jnp.float32), jnp.asarray(wd, jnp.float32), jnp.float32, impl,
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(sizes, jnp.int32),
+        jnp.asarray(wg, jnp.float32),
+        jnp.asarray(wu, jnp.float32),
+        jnp.asarray(wd, jnp.float32),
+        jnp.float32,
+        impl,
     )
     expert = np.repeat(np.arange(e), sizes)
-    want = np.stack([_np_swiglu(x[i], wg[expert[i]], wu[expert[i]], wd[expert[i]]) for i in range(m)])
+    want = np.stack(
+        [_np_swiglu(x[i], wg[expert[i]], wu[expert[i]], wd[expert[i]]) for i in range(m)]
+    )
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
 
 
@@ -122,11 +138,15 @@ def _moe_reference(moe: MoE, x, cfg):
     routed = np.zeros_like(xs)
     for t in range(len(xs)):
         for j, ex in enumerate(idx[t]):
-            routed[t] += w[t, j] * _np_swiglu(xs[t], p["gate_proj"][ex], p["up_proj"][ex], p["down_proj"][ex])
+            routed[t] += w[t, j] * _np_swiglu(
+                xs[t], p["gate_proj"][ex], p["up_proj"][ex], p["down_proj"][ex]
+            )
     shared = np.zeros_like(xs)
     if cfg.n_shared_experts:
         se = p["shared_experts"]
-        shared = _np_swiglu(xs, se["gate_proj"]["kernel"], se["up_proj"]["kernel"], se["down_proj"]["kernel"])
+        shared = _np_swiglu(
+            xs, se["gate_proj"]["kernel"], se["up_proj"]["kernel"], se["down_proj"]["kernel"]
+        )
     return shared.reshape(x.shape), routed.reshape(x.shape), idx
 
 
@@ -135,7 +155,9 @@ def _moe_reference(moe: MoE, x, cfg):
 def test_moe_layer_equals_per_token_loop(norm, rsf, shared, impl):
     cfg = cfg_for(8, 4, 2, 3, norm, rsf, shared).replace(initializer_range=0.3, moe_impl=impl)
     moe = MoE(cfg, rngs=nnx.Rngs(3))
-    moe.gate.e_score_correction_bias[...] = jnp.asarray(np.random.default_rng(1).normal(size=8) - 2, jnp.float32)
+    moe.gate.e_score_correction_bias[...] = jnp.asarray(
+        np.random.default_rng(1).normal(size=8) - 2, jnp.float32
+    )
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 5, 16)), jnp.float32)
     out, aux = moe(x)
     shared_part, routed_part, idx = _moe_reference(moe, x, cfg)
@@ -159,7 +181,9 @@ def test_sequence_balance_loss_reference():
         want.append((f * p).sum())
     got = sequence_balance_loss(jnp.asarray(s, jnp.float32), jnp.asarray(idx), e)
     assert float(got) == pytest.approx(np.mean(want), rel=1e-5)
-    uniform = sequence_balance_loss(jnp.full((1, 8, 4), 0.5), jnp.asarray([[[i % 4, (i + 1) % 4] for i in range(8)]]), 4)
+    uniform = sequence_balance_loss(
+        jnp.full((1, 8, 4), 0.5), jnp.asarray([[[i % 4, (i + 1) % 4] for i in range(8)]]), 4
+    )
     assert float(uniform) == pytest.approx(1.0)
 
 

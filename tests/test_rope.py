@@ -20,14 +20,18 @@ def test_v3_yarn_numbers_from_the_report():
     np.testing.assert_allclose(inv[:10], base[:10], rtol=1e-6)  # kept
     np.testing.assert_allclose(inv[23:], base[23:] / 40, rtol=1e-6)  # interpolated
     ramp = (np.arange(10, 23) - 10) / 13  # linear blend in between
-    np.testing.assert_allclose(inv[10:23], base[10:23] / 40 * ramp + base[10:23] * (1 - ramp), rtol=1e-5)
+    np.testing.assert_allclose(
+        inv[10:23], base[10:23] / 40 * ramp + base[10:23] * (1 - ramp), rtol=1e-5
+    )
 
 
 def test_inv_freq_and_scales_match_hf(golden_dir):
     g = np.load(golden_dir / "golden.npz")
     c = ModelConfig.from_hf(golden_dir)
     np.testing.assert_allclose(rope.rope_inv_freq(c), g["rope_inv_freq"], rtol=1e-6)
-    assert rope.rope_attention_factor(c) == pytest.approx(float(g["rope_attention_scaling"]), rel=1e-6)
+    assert rope.rope_attention_factor(c) == pytest.approx(
+        float(g["rope_attention_scaling"]), rel=1e-6
+    )
     assert rope.softmax_scale(c) == pytest.approx(float(g["softmax_scale"]), rel=1e-6)
 
 
@@ -54,7 +58,9 @@ def test_apply_rope_matches_complex_rotation_float64(interleave):
         want[..., 0::2], want[..., 1::2] = z.real, z.imag
     else:
         want[..., : r // 2], want[..., r // 2 :] = z.real, z.imag
-    got = rope.apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(pos), inv.astype(np.float32), 0.9, interleave)
+    got = rope.apply_rope(
+        jnp.asarray(x, jnp.float32), jnp.asarray(pos), inv.astype(np.float32), 0.9, interleave
+    )
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-4)
 
 

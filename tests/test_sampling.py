@@ -25,7 +25,9 @@ def np_filter(logits, top_k, top_p):
     return p / p.sum(-1, keepdims=True)
 
 
-@pytest.mark.parametrize("top_k, top_p", [(None, None), (5, None), (None, 0.6), (7, 0.9), (1, None), (None, 1e-6)])
+@pytest.mark.parametrize(
+    "top_k, top_p", [(None, None), (5, None), (None, 0.6), (7, 0.9), (1, None), (None, 1e-6)]
+)
 def test_filter_logits_matches_reference(top_k, top_p):
     logits = np.random.default_rng(0).normal(size=(4, 20)) * 2
     got = jax.nn.softmax(filter_logits(jnp.asarray(logits, jnp.float32), top_k, top_p), -1)
@@ -35,9 +37,9 @@ def test_filter_logits_matches_reference(top_k, top_p):
 def test_sampled_frequencies_follow_the_filtered_distribution():
     logits = np.random.default_rng(1).normal(size=(1, 12)).astype(np.float32)
     n = 20000
-    tokens = jax.vmap(lambda k: sample_token(jnp.asarray(logits), k, jnp.float32(0.7), top_k=6, top_p=0.9))(
-        jax.random.split(jax.random.key(0), n)
-    )
+    tokens = jax.vmap(
+        lambda k: sample_token(jnp.asarray(logits), k, jnp.float32(0.7), top_k=6, top_p=0.9)
+    )(jax.random.split(jax.random.key(0), n))
     freq = np.bincount(np.asarray(tokens).reshape(-1), minlength=12) / n
     want = np_filter(logits / 0.7, 6, 0.9)[0]
     assert (freq[want == 0] == 0).all()
@@ -62,7 +64,15 @@ def test_greedy_generate_equals_argmax_of_full_forward(model):
 def test_sampling_is_seeded_and_streams(model):
     prompt = np.array([[0, 5, 9]])
     seen = []
-    a = generate(model, prompt, 8, temperature=1.0, top_k=10, seed=3, callback=lambda t: seen.append(int(t[0])))
+    a = generate(
+        model,
+        prompt,
+        8,
+        temperature=1.0,
+        top_k=10,
+        seed=3,
+        callback=lambda t: seen.append(int(t[0])),
+    )
     b = generate(model, prompt, 8, temperature=1.0, top_k=10, seed=3)
     c = generate(model, prompt, 8, temperature=1.0, top_k=10, seed=4)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

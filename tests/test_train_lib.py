@@ -38,7 +38,9 @@ def test_mtp_loss_is_the_mean_ce_of_the_mtp_heads():
     model = tiny_model(num_nextn_predict_layers=2)
     graphdef, params, biases = train_lib.split_model(model)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 11)))
-    loss, m = train_lib.loss_fn(params, biases, graphdef, tokens, train_lib.LossWeights(0.3, 1e-4, 1e-3))
+    loss, m = train_lib.loss_fn(
+        params, biases, graphdef, tokens, train_lib.LossWeights(0.3, 1e-4, 1e-3)
+    )
     logits, mtp = model(tokens[:, :-1], return_mtp=True)
 
     def ce(lo, tgt):
@@ -49,7 +51,9 @@ def test_mtp_loss_is_the_mean_ce_of_the_mtp_heads():
     mtp_ces = [ce(mtp[0], tokens[:, 2:]), ce(mtp[1], tokens[:, 3:])]  # depth k predicts t + k + 1
     assert float(m["ce"]) == pytest.approx(main, rel=1e-5)
     assert float(m["mtp_ce"]) == pytest.approx(np.mean(mtp_ces), rel=1e-5)
-    assert float(loss) == pytest.approx(main + 0.3 * np.mean(mtp_ces) + 1e-4 * float(m["balance"]), rel=1e-5)
+    assert float(loss) == pytest.approx(
+        main + 0.3 * np.mean(mtp_ces) + 1e-4 * float(m["balance"]), rel=1e-5
+    )
     assert m["main_load"].shape == (2, 8) and float(m["main_load"].sum()) == 2 * 10 * 2 * 2
 
 
@@ -67,7 +71,9 @@ def test_train_step_learns_and_updates_bias_outside_the_optimizer():
     old_bias = jax.tree.map(np.asarray, biases)
     losses = []
     for _ in range(30):
-        params, biases, opt_state, m = train_lib.train_step(graphdef, tx, weights, params, biases, opt_state, tokens)
+        params, biases, opt_state, m = train_lib.train_step(
+            graphdef, tx, weights, params, biases, opt_state, tokens
+        )
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.5 * losses[0]
     moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b), biases, old_bias)

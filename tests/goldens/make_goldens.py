@@ -298,7 +298,9 @@ class RouterSpy:
         def fn(mod, args, out):
             router_logits, w, idx = out
             biased = router_logits.sigmoid() + mod.e_score_correction_bias
-            self.calls.append((name, biased.detach().clone(), idx.detach().clone(), w.detach().clone()))
+            self.calls.append(
+                (name, biased.detach().clone(), idx.detach().clone(), w.detach().clone())
+            )
             self.unbiased.setdefault(name, []).append(router_logits.sigmoid().detach().clone())
 
         return fn
@@ -318,7 +320,11 @@ def check_routing(spy: RouterSpy, cfg, all_negative: bool):
     by_layer = {}
     for name, biased, idx, w in spy.calls:
         prev = by_layer.get(name)
-        by_layer[name] = (biased, idx, w) if prev is None else tuple(torch.cat(z) for z in zip(prev, (biased, idx, w), strict=True))
+        by_layer[name] = (
+            (biased, idx, w)
+            if prev is None
+            else tuple(torch.cat(z) for z in zip(prev, (biased, idx, w), strict=True))
+        )
     for name, (biased, idx, w) in by_layer.items():
         sets = {tuple(sorted(r)) for r in idx.tolist()}
         assert len(sets) > 1, f"{name}: every token routed to the same experts {sets}"
@@ -326,10 +332,14 @@ def check_routing(spy: RouterSpy, cfg, all_negative: bool):
         k = cfg.num_experts_per_tok
         s = torch.cat(spy.unbiased[name])
         no_bias = [set(r) for r in s.topk(k, -1).indices.tolist()]
-        assert any(a != b for a, b in zip(chosen, no_bias, strict=True)), f"{name}: the correction bias never matters"
+        assert any(a != b for a, b in zip(chosen, no_bias, strict=True)), (
+            f"{name}: the correction bias never matters"
+        )
         if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
             no_group = [set(r) for r in biased.topk(k, -1).indices.tolist()]
-            assert any(a != b for a, b in zip(chosen, no_group, strict=True)), f"{name}: the group limit never matters"
+            assert any(a != b for a, b in zip(chosen, no_group, strict=True)), (
+                f"{name}: the group limit never matters"
+            )
         if all_negative:
             assert (biased < 0).all(), f"{name}: some biased score >= 0"
         if cfg.n_group > 1:
@@ -339,7 +349,9 @@ def check_routing(spy: RouterSpy, cfg, all_negative: bool):
                 assert len(gs) <= cfg.topk_group, f"{name}: experts from {gs} groups > topk_group"
             assert len(groups) > 1, f"{name}: every token kept the same groups"
         if cfg.norm_topk_prob:
-            torch.testing.assert_close(w.sum(-1), torch.full_like(w[:, 0], cfg.routed_scaling_factor))
+            torch.testing.assert_close(
+                w.sum(-1), torch.full_like(w[:, 0], cfg.routed_scaling_factor)
+            )
 
 
 @torch.no_grad()
@@ -379,7 +391,9 @@ def compute_goldens(model, seed: int):
     )
     greedy_ids = gen.sequences
     assert greedy_ids.shape == (1, PROMPT + NEW), greedy_ids.shape
-    assert gen.past_key_values is not None and gen.past_key_values.get_seq_length() == PROMPT + NEW - 1
+    assert (
+        gen.past_key_values is not None and gen.past_key_values.get_seq_length() == PROMPT + NEW - 1
+    )
     raw = torch.stack(gen.logits, 1)[0].float()  # [NEW, V]
     scores = torch.stack(gen.scores, 1)[0].float()
     assert torch.equal(raw, scores), "a logits processor changed the greedy scores"
@@ -416,7 +430,11 @@ def load_logits(path: Path, input_ids: np.ndarray):
     )
     model.eval()
     with torch.no_grad():
-        lg = model(input_ids=torch.from_numpy(input_ids).long(), use_cache=False).logits.float().numpy()
+        lg = (
+            model(input_ids=torch.from_numpy(input_ids).long(), use_cache=False)
+            .logits.float()
+            .numpy()
+        )
     return lg, info, model
 
 
@@ -480,13 +498,15 @@ def check_saved_layout(d: Path, model) -> None:
             assert torch.equal(saved[p + f"{e}.up_proj.weight"], gu[e, F:])
             assert torch.equal(saved[p + f"{e}.down_proj.weight"], dn[e])
         assert saved[f"model.layers.{n}.mlp.gate.e_score_correction_bias"].dtype in (
-            torch.float32, sd[f"model.layers.{n}.mlp.gate.e_score_correction_bias"].dtype)
+            torch.float32,
+            sd[f"model.layers.{n}.mlp.gate.e_score_correction_bias"].dtype,
+        )
     for k, v in sd.items():
         if "mlp.experts." not in k:
             assert torch.equal(saved[k], v), k  # q_b_proj / kv_a_proj_with_mqa etc. stored as used
-    assert set(saved) - set(sd) == {
-        k for k in saved if ".mlp.experts." in k
-    }, "unexpected tensor names in the saved checkpoint"
+    assert set(saved) - set(sd) == {k for k in saved if ".mlp.experts." in k}, (
+        "unexpected tensor names in the saved checkpoint"
+    )
 
 
 def add_mtp(d: Path, model: DeepseekV3ForCausalLM, seed: int) -> list[str]:
@@ -494,7 +514,12 @@ def add_mtp(d: Path, model: DeepseekV3ForCausalLM, seed: int) -> list[str]:
     cfg = model.config
     L = cfg.num_hidden_layers
     D, _V, E, F = cfg.hidden_size, cfg.vocab_size, cfg.n_routed_experts, cfg.moe_intermediate_size
-    H, nope, rope, vd = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    H, nope, rope, vd = (
+        cfg.num_attention_heads,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+    )
     g = torch.Generator().manual_seed(seed + 7)
 
     def normal(shape, std=0.2):
@@ -545,9 +570,13 @@ def add_mtp(d: Path, model: DeepseekV3ForCausalLM, seed: int) -> list[str]:
             j["weight_map"][k] = "mtp.safetensors"
         j["weight_map"] = dict(sorted(j["weight_map"].items()))
         meta = j.setdefault("metadata", {})
-        meta["total_size"] = int(meta.get("total_size", 0)) + sum(v.numel() * v.element_size() for v in t.values())
+        meta["total_size"] = int(meta.get("total_size", 0)) + sum(
+            v.numel() * v.element_size() for v in t.values()
+        )
         if "total_parameters" in meta:
-            meta["total_parameters"] = int(meta["total_parameters"]) + sum(v.numel() for v in t.values())
+            meta["total_parameters"] = int(meta["total_parameters"]) + sum(
+                v.numel() for v in t.values()
+            )
         idx.write_text(json.dumps(j, indent=2) + "\n")
     return sorted(t)
 
@@ -568,8 +597,10 @@ def rope_summary(cfg) -> str:
 def main() -> int:
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     if transformers.__version__ != "5.24.0":
-        print("WARNING: the committed goldens were made with transformers 5.24.0 / torch 2.13.0+cpu; "
-              "other versions may write a different layout or slightly different numbers")
+        print(
+            "WARNING: the committed goldens were made with transformers 5.24.0 / torch 2.13.0+cpu; "
+            "other versions may write a different layout or slightly different numbers"
+        )
     report = []
     for i, spec in enumerate(GOLDENS):
         seed = 1000 + 17 * i
@@ -581,7 +612,9 @@ def main() -> int:
         randomize(model, seed, spec.get("bias"))
         if spec.get("bf16"):  # make every value bf16-exact, so a bf16 file holds the same model
             with torch.no_grad():
-                biases = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+                biases = [
+                    b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")
+                ]
                 for t in [*model.parameters(), *biases]:  # not the derived rotary inv_freq
                     t.copy_(t.to(torch.bfloat16).to(t.dtype))
         spy = RouterSpy(model)
@@ -604,15 +637,19 @@ def main() -> int:
         if spec.get("official_cfg"):
             rewrite_official_config(d)
             lg2, info2, m2 = load_logits(d, goldens["input_ids"])
-            assert np.array_equal(lg2, goldens["logits"]), "official rope_scaling form changes the logits"
+            assert np.array_equal(lg2, goldens["logits"]), (
+                "official rope_scaling form changes the logits"
+            )
             assert m2.config.rope_parameters["rope_type"] == "yarn"
         if spec.get("mtp"):
             names = add_mtp(d, model, seed)
             lg3, info3, _ = load_logits(d, goldens["input_ids"])
             assert np.array_equal(lg3, goldens["logits"]), "MTP weights changed HF's logits"
             assert not info3["missing_keys"]
-            print(f"  {spec['name']}: wrote {len(names)} MTP tensors; HF still loads (same logits) and reports "
-                  f"{len(info3['unexpected_keys'])} unexpected keys: {sorted(info3['unexpected_keys'])}")
+            print(
+                f"  {spec['name']}: wrote {len(names)} MTP tensors; HF still loads (same logits) and reports "
+                f"{len(info3['unexpected_keys'])} unexpected keys: {sorted(info3['unexpected_keys'])}"
+            )
 
         size = sum(f.stat().st_size for f in d.iterdir())
         assert size < MAX_DIR_BYTES, f"{d.name}: {size} bytes"
