@@ -109,33 +109,19 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, env, straight_run):
 
 def test_sample_streams_text_from_the_checkpoint(straight_run, env):
     workdir, _ = straight_run
-    r = _run(
-        [
-            "sample.py",
-            f"--workdir={workdir}",
-            "--prompt=ROMEO:",
-            "--max_new_tokens=12",
-            "--temperature=0.8",
-            "--top_k=20",
-            "--seed=1",
-        ],
-        env,
-    )
+    args = [
+        "sample.py",
+        f"--workdir={workdir}",
+        "--prompt=ROMEO:",
+        "--max_new_tokens=12",
+        "--temperature=0.8",
+        "--top_k=20",
+        "--seed=1",
+    ]
+    r = _run(args, env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith("ROMEO:") and len(r.stdout.strip()) > len("ROMEO:")
-    again = _run(
-        [
-            "sample.py",
-            f"--workdir={workdir}",
-            "--prompt=ROMEO:",
-            "--max_new_tokens=12",
-            "--temperature=0.8",
-            "--top_k=20",
-            "--seed=1",
-        ],
-        env,
-    )
-    assert again.stdout == r.stdout
+    assert _run(args, env).stdout == r.stdout  # same seed, same text
 
 
 def test_rerun_with_another_model_is_refused(straight_run, env):
