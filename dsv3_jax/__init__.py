@@ -9,6 +9,7 @@ f MLP/expert width, l layers (scan axis), w vocabulary.
 from dsv3_jax.checkpoint import load_checkpoint
 from dsv3_jax.config import ModelConfig, RopeScaling
 from dsv3_jax.hf_io import CheckpointError, load_hf_checkpoint
+from dsv3_jax.mla import kv_cache_bytes_per_token
 from dsv3_jax.model import DeepseekV3, count_params
 from dsv3_jax.sampling import generate
 
@@ -19,6 +20,7 @@ __all__ = [
     "RopeScaling",
     "count_params",
     "generate",
+    "kv_cache_bytes_per_token",
     "load_checkpoint",
     "load_hf_checkpoint",
 ]

@@ -17,6 +17,11 @@ import numpy as np
 
 _ROPE_TYPES = ("default", "yarn")
 _MODEL_TYPES = ("deepseek_v3", "kimi_k2")  # Kimi K2 ships the DeepSeek-V3 architecture
+# ModelConfig fields that steer this implementation only: not in config.json, free to change
+# between training and sampling of the same weights.
+IMPLEMENTATION_FIELDS = (
+    "dtype", "param_dtype", "remat", "moe_impl", "mla_decode", "attention_kernel",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +49,7 @@ class ModelConfig:
     """DeepSeek-V3 hyper-parameters, named as in the official/HF ``config.json``.
 
     Defaults are the 671B model (report section 4.2 and the checkpoint's config.json). Non-HF fields
-    (``dtype``, ``param_dtype``, ``remat``) only steer this implementation.
+    (``IMPLEMENTATION_FIELDS``: dtypes, remat, kernel choices) only steer this implementation.
 
     Raises:
       ValueError: naming the field, for any inconsistent or unsupported value (see ``validate``).
@@ -90,6 +95,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: bool = False  # rematerialise each decoder layer in the backward pass
     moe_impl: str = "auto"  # grouped matmul: "ragged" (lax.ragged_dot), "blocked" (CPU), "auto"
+    # Attention over the latent cache (decode, speculative verification): "absorbed" folds kv_b
+    # into the query and the output (multi-query attention over [c; r]); "naive" expands kv_b.
+    mla_decode: str = "absorbed"
+    # "reference" (jnp) or "pallas" (dsv3_jax.kernels: flash attention, latent decode attention).
+    attention_kernel: str = "reference"
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):  # accept jnp.bfloat16, np.dtype, "bfloat16" alike
@@ -209,6 +219,14 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.moe_impl must be 'auto', 'ragged' or 'blocked', got {self.moe_impl!r}"
             )
+        for name, allowed in (
+            ("mla_decode", ("absorbed", "naive")),
+            ("attention_kernel", ("reference", "pallas")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(
@@ -275,7 +293,7 @@ class ModelConfig:
         out = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("rope_scaling", "dtype", "param_dtype", "remat", "moe_impl")
+            if f.name != "rope_scaling" and f.name not in IMPLEMENTATION_FIELDS
         }
         if self.rope_scaling is None:
             out["rope_scaling"] = None

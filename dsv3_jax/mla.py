@@ -9,7 +9,9 @@ n qk_nope_head_dim, r qk_rope_head_dim, v v_head_dim, q q_lora_rank, c kv_lora_r
   key      = [k_n ; rope(k_r)]  (one rope key shared by all heads),  value = v
 
 The cache holds only c (after its norm) and the roped k_r: (c + r) numbers per token per layer.
-This file runs the naive form (kv_b expanded over the keys); absorbed decode comes later.
+Training and prefill run the naive form (kv_b expanded over the keys); attention over the
+cache runs the absorbed form by default (``ModelConfig.mla_decode``), where kv_b's key half is
+folded into the query and its value half applied after attention.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from flax import nnx
 
 from dsv3_jax import rope
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels.flash_attention import flash_attention
+from dsv3_jax.kernels.mla_decode import latent_attention
 from dsv3_jax.layers import Linear, RMSNorm, dtype_of
 
 # The latent norms use RMSNorm's default eps whatever rms_norm_eps says (official model.py and HF).
@@ -100,15 +104,31 @@ class MLA(nnx.Module):
         return q_nope, q_rope
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache: LatentCache | None = None,
+        *,
+        prefill: bool = False,
     ) -> tuple[jax.Array, LatentCache | None]:
         """Causal MLA.
 
+        Three uses:
+          * no cache (training): attention among the s new tokens, key t' visible to query s'
+            when positions[t'] <= positions[s'].
+          * cache and ``prefill=True``: the same, and the new latents are written to the cache.
+            Only right for rows whose cache is empty before the call (positions start at 0).
+          * cache and ``prefill=False`` (decode, speculative verification): the new latents are
+            written, then each query attends over cache slots t' <= its position, in the form
+            ``config.mla_decode`` selects (absorbed or naive; equal up to rounding).
+
         Args:
           x: [b, s, d] hidden states (computation dtype).
-          positions: int32 [b, s] absolute positions; with a cache they must be consecutive per row
-            (row b is written at slots positions[b, 0] ..).
-          cache: optional LatentCache with t slots; keys are then every slot t' <= the query position.
+          positions: int32 [b, s] absolute positions, consecutive per row; row b is written at
+            slots positions[b, 0] .. positions[b, 0] + s - 1. Slots past a row's position may hold
+            anything (padding, rejected drafts): they are masked until overwritten.
+          cache: optional LatentCache with t slots.
+          prefill: see above.
 
         Returns:
           ([b, s, d], the updated cache or None).
@@ -120,26 +140,98 @@ class MLA(nnx.Module):
             c_kv, k_rope = self.latent(x, positions)
         if cache is not None:
             cache = write_cache(cache, c_kv, k_rope, positions[:, 0])
-            c_kv, k_rope = cache.c_kv.astype(x.dtype), cache.k_rope.astype(x.dtype)
-            key_pos = jnp.broadcast_to(jnp.arange(c_kv.shape[1]), c_kv.shape[:2])  # [b, t]
+        if cache is None or prefill:
+            out = self._attend_new(q_nope, q_rope, c_kv, k_rope, positions)
+        elif cfg.mla_decode == "absorbed":
+            out = self._attend_cache_absorbed(q_nope, q_rope, cache, positions)
         else:
-            key_pos = positions
+            out = self._attend_cache_naive(q_nope, q_rope, cache, positions)
+        out = self.o_proj(out.reshape(*x.shape[:2], -1))  # [b, s, d]
+        return out, cache
+
+    def _expand(self, c_kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """kv_b: c_kv [b, t, c] -> (k_nope [b, t, h, n], value [b, t, h, v])."""
+        cfg = self.config
         with jax.named_scope("kv_expand"):
             kv = self.kv_b_proj(c_kv).reshape(
                 *c_kv.shape[:2], cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim
             )  # [b, t, h, n + v]
-            k_nope, value = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
+        return kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
+
+    def _attend_new(self, q_nope, q_rope, c_kv, k_rope, positions) -> jax.Array:
+        """Naive MLA among the new tokens (training, prefill) -> [b, s, h, v]."""
+        cfg = self.config
+        k_nope, value = self._expand(c_kv)
         with jax.named_scope("attention"):
-            f32 = jnp.float32
-            scores = jnp.einsum("bshn,bthn->bhst", q_nope, k_nope, preferred_element_type=f32)
-            scores += jnp.einsum("bshr,btr->bhst", q_rope, k_rope, preferred_element_type=f32)
-            scores *= rope.softmax_scale(cfg)
-            mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # [b, 1, s, t]
-            scores = jnp.where(mask, scores, jnp.finfo(f32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-            out = jnp.einsum("bhst,bthv->bshv", probs, value)  # [b, s, h, v]
-        out = self.o_proj(out.reshape(*x.shape[:2], -1))  # [b, s, d]
-        return out, cache
+            if cfg.attention_kernel == "pallas":
+                # The kernel masks by index (query i sees keys j <= i): positions are 0..s-1 here.
+                q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [b, s, h, n + r]
+                k_r = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))
+                k = jnp.concatenate([k_nope, k_r], axis=-1)  # [b, t, h, n + r]
+                return flash_attention(
+                    q, k, value, scale=rope.softmax_scale(cfg), causal=True, impl="pallas"
+                )
+            return _dense_attention(
+                q_nope, q_rope, k_nope, k_rope, value, positions, positions, cfg
+            )
+
+    def _attend_cache_naive(self, q_nope, q_rope, cache: LatentCache, positions) -> jax.Array:
+        """Naive MLA over the cache: kv_b expanded over all t slots -> [b, s, h, v]."""
+        dtype = q_nope.dtype
+        c_kv, k_rope = cache.c_kv.astype(dtype), cache.k_rope.astype(dtype)
+        k_nope, value = self._expand(c_kv)
+        slots = jnp.broadcast_to(jnp.arange(c_kv.shape[1]), c_kv.shape[:2])  # [b, t]
+        with jax.named_scope("attention"):
+            return _dense_attention(
+                q_nope, q_rope, k_nope, k_rope, value, positions, slots, self.config
+            )
+
+    def _attend_cache_absorbed(self, q_nope, q_rope, cache: LatentCache, positions) -> jax.Array:
+        """Absorbed MLA over the cache (DeepSeek-V2 report section 2.1.2) -> [b, s, h, v].
+
+        With kv_b's kernel split per head into W_UK [c, h, n] and W_UV [c, h, v]:
+          q_c = q_nope W_UK^T (bshn,chn->bshc); scores = q_c . c_kv + q_rope . k_rope;
+          o_c = softmax(scores) c_kv (multi-query attention over the [c + r]-wide latent);
+          out = o_c W_UV (bshc,chv->bshv).
+        kv_b is never applied to the t cached tokens.
+        """
+        cfg = self.config
+        dtype = q_nope.dtype
+        h, n = cfg.num_attention_heads, cfg.qk_nope_head_dim
+        w = self.kv_b_proj.kernel[...].astype(dtype).reshape(cfg.kv_lora_rank, h, -1)  # [c, h, n+v]
+        with jax.named_scope("absorb_q"):
+            q_c = jnp.einsum(
+                "bshn,chn->bshc", q_nope, w[..., :n], preferred_element_type=jnp.float32
+            ).astype(dtype)  # [b, s, h, c]
+        with jax.named_scope("latent_attention"):
+            o_c = latent_attention(
+                q_c,
+                q_rope,
+                cache.c_kv.astype(dtype),
+                cache.k_rope.astype(dtype),
+                positions,
+                scale=rope.softmax_scale(cfg),
+                impl=cfg.attention_kernel,
+            )  # f32 [b, s, h, c]
+        with jax.named_scope("absorb_out"):
+            return jnp.einsum("bshc,chv->bshv", o_c.astype(dtype), w[..., n:])  # [b, s, h, v]
+
+
+def _dense_attention(q_nope, q_rope, k_nope, k_rope, value, q_pos, k_pos, cfg) -> jax.Array:
+    """Softmax attention with key t' visible to query s' when k_pos[t'] <= q_pos[s'].
+
+    q_nope [b, s, h, n], q_rope [b, s, h, r], k_nope [b, t, h, n], k_rope [b, t, r] (shared by the
+    heads), value [b, t, h, v]; q_pos [b, s], k_pos [b, t]. Scores and softmax in float32.
+    Returns [b, s, h, v] in q_nope's dtype.
+    """
+    f32 = jnp.float32
+    scores = jnp.einsum("bshn,bthn->bhst", q_nope, k_nope, preferred_element_type=f32)
+    scores += jnp.einsum("bshr,btr->bhst", q_rope, k_rope, preferred_element_type=f32)
+    scores *= rope.softmax_scale(cfg)
+    mask = k_pos[:, None, None, :] <= q_pos[:, None, :, None]  # [b, 1, s, t]
+    scores = jnp.where(mask, scores, jnp.finfo(f32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_nope.dtype)
+    return jnp.einsum("bhst,bthv->bshv", probs, value)  # [b, s, h, v]
 
 
 def init_cache(
@@ -151,3 +243,15 @@ def init_cache(
         jnp.zeros((num_layers, batch, max_len, config.kv_lora_rank), dtype),
         jnp.zeros((num_layers, batch, max_len, config.qk_rope_head_dim), dtype),
     )
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, dtype=None) -> int:
+    """Bytes the latent cache holds per token: (kv_lora_rank + qk_rope_head_dim) x layers x itemsize.
+
+    Main-model layers only (the MTP module's cache is not counted). ``dtype`` defaults to the
+    config's computation dtype. For the 671B config in bfloat16: (512 + 64) x 61 x 2 = 70,272 bytes
+    (V3 report section 2.1.1).
+    """
+    dtype = dtype_of(config.dtype) if dtype is None else dtype
+    width = config.kv_lora_rank + config.qk_rope_head_dim
+    return width * config.num_hidden_layers * jnp.dtype(dtype).itemsize

@@ -34,9 +34,9 @@ class DecoderLayer(nnx.Module):
             MoE(config, rngs=rngs) if moe else MLP(config, config.intermediate_size, rngs=rngs)
         )
 
-    def __call__(self, h, positions, cache: LatentCache | None = None):
+    def __call__(self, h, positions, cache: LatentCache | None = None, prefill: bool = False):
         """h [b, s, d] -> (h [b, s, d], aux dict (MoE: load [e], balance []), cache)."""
-        attn, cache = self.self_attn(self.input_layernorm(h), positions, cache)
+        attn, cache = self.self_attn(self.input_layernorm(h), positions, cache, prefill=prefill)
         h = h + attn
         ffn = self.mlp(self.post_attention_layernorm(h))
         ffn, aux = ffn if isinstance(ffn, tuple) else (ffn, {})
@@ -51,13 +51,14 @@ def _stack(config: ModelConfig, moe: bool, n: int, rngs: nnx.Rngs) -> DecoderLay
     return create(rngs.split(n))
 
 
-def _run_stack(layers: DecoderLayer, h, positions, cache, remat: bool):
+def _run_stack(layers: DecoderLayer, h, positions, cache, remat: bool, prefill: bool = False):
     """Scans ``h`` through a stack of layers; cache leaves carry a leading [l] axis."""
     graphdef, state = nnx.split(layers)
 
     def body(h, xs):
         layer_state, layer_cache = xs
-        h, aux, layer_cache = nnx.merge(graphdef, layer_state)(h, positions, layer_cache)
+        layer = nnx.merge(graphdef, layer_state)
+        h, aux, layer_cache = layer(h, positions, layer_cache, prefill)
         return h, (aux, layer_cache)
 
     if remat:
@@ -86,11 +87,13 @@ class MTPModule(nnx.Module):
         )  # layer index >= first_k_dense_replace
         self.shared_head_norm = RMSNorm(d, "embed", config)
 
-    def __call__(self, h_prev, emb_next, positions):
-        """h_prev [b, s, d] and emb_next = Emb(x_{t+k}) [b, s, d] -> (h^k, aux)."""
+    def __call__(self, h_prev, emb_next, positions, cache=None, prefill: bool = False):
+        """h_prev [b, s, d] and emb_next = Emb(x_{t+k}) [b, s, d] -> (h^k, aux, cache).
+
+        ``cache`` (a LatentCache [b, t, .] of the block) and ``prefill`` are as in ``mla.MLA``.
+        """
         x = jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1)  # [b, s, 2d]
-        h, aux, _ = self.block(self.eh_proj(x), positions)
-        return h, aux
+        return self.block(self.eh_proj(x), positions, cache, prefill)
 
 
 class ModelOutput(NamedTuple):
@@ -155,8 +158,24 @@ class DeepseekV3(nnx.Module):
         return out.logits, self.mtp_forward(input_ids, out.hidden)[0]
 
     # ------------------------------------------------------------------ jittable pieces
-    def forward(self, input_ids, positions=None, cache: dict | None = None) -> ModelOutput:
-        """Main model. input_ids int [b, s]; positions int [b, s] (default 0..s-1); optional cache."""
+    def forward(
+        self,
+        input_ids,
+        positions=None,
+        cache: dict | None = None,
+        *,
+        prefill: bool = False,
+        logits_index=None,
+    ) -> ModelOutput:
+        """Main model.
+
+        Args:
+          input_ids: int [b, s]. positions: int [b, s] (default 0..s-1).
+          cache: optional latent cache from ``init_cache`` (its "mtp" entry is passed through).
+          prefill: attend among the new tokens only (rows with an empty cache; see mla.MLA).
+          logits_index: optional int [b]: compute logits only at this position of each row
+            (then logits are [b, 1, w]; hidden stays [b, s, d]).
+        """
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(
@@ -169,12 +188,17 @@ class DeepseekV3(nnx.Module):
             if layers is None:
                 continue
             h, layer_aux, new_cache[name] = _run_stack(
-                layers, h, positions, cache.get(name), cfg.remat
+                layers, h, positions, cache.get(name), cfg.remat, prefill
             )
             if name == "moe":
                 aux = layer_aux
         hidden = self.norm(h)
-        logits = self.lm_head(hidden, out_dtype=jnp.float32)  # [b, s, w]
+        head_in = hidden
+        if logits_index is not None:
+            head_in = jnp.take_along_axis(hidden, logits_index[:, None, None], axis=1)  # [b, 1, d]
+        logits = self.lm_head(head_in, out_dtype=jnp.float32)  # [b, s, w]
+        if "mtp" in cache:
+            new_cache["mtp"] = cache["mtp"]
         return ModelOutput(logits, hidden, aux, new_cache if cache else None)
 
     def mtp_forward(self, input_ids, hidden) -> tuple[list, list]:
@@ -191,17 +215,40 @@ class DeepseekV3(nnx.Module):
         for k, module in enumerate(self.mtp, start=1):
             h = h[:, : s - k]
             emb = self.embed_tokens(input_ids[:, k:])  # Emb(x_{t+k}) for t < s - k
-            h, aux = module(h, emb, positions[:, : s - k])
-            logits.append(
-                linear(module.shared_head_norm(h), self.lm_head.kernel[...], h.dtype, jnp.float32)
-            )
+            h, aux, _ = module(h, emb, positions[:, : s - k])
+            logits.append(self._mtp_logits(module, h))
             auxes.append(aux)
         return logits, auxes
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """Empty latent cache for every layer (see mla.LatentCache)."""
+    def _mtp_logits(self, module: MTPModule, h):
+        return linear(module.shared_head_norm(h), self.lm_head.kernel[...], h.dtype, jnp.float32)
+
+    def mtp_step(self, hidden, next_ids, positions, cache: dict, *, prefill: bool = False):
+        """The first MTP module over a cache, for drafting (speculative decoding).
+
+        Args:
+          hidden: [b, s, d] main-model hidden states (after the final norm) at ``positions``.
+          next_ids: int [b, s]: the token at position + 1 of each row.
+          positions: int32 [b, s]; cache: from ``init_cache(..., mtp=True)``; prefill as in forward.
+
+        Returns:
+          (float32 logits [b, s, w] predicting the token at position + 2, the updated cache).
+        """
+        module = self.mtp[0]
+        h, _, mtp_cache = module(
+            hidden, self.embed_tokens(next_ids), positions, cache["mtp"], prefill
+        )
+        return self._mtp_logits(module, h), {**cache, "mtp": mtp_cache}
+
+    def init_cache(self, batch: int, max_len: int, dtype=None, *, mtp: bool = False) -> dict:
+        """Empty latent cache for every layer (see mla.LatentCache); ``mtp`` adds module 1's."""
         cfg = self.config
         cache = {}
+        if mtp:
+            if not self.num_mtp:
+                raise ValueError("this model has no MTP modules (loaded without MTP weights)")
+            one = init_cache(cfg, 1, batch, max_len, dtype)
+            cache["mtp"] = LatentCache(one.c_kv[0], one.k_rope[0])
         if cfg.num_dense_layers:
             cache["dense"] = init_cache(cfg, cfg.num_dense_layers, batch, max_len, dtype)
         if cfg.num_moe_layers:

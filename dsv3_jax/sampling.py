@@ -1,42 +1,51 @@
-"""Autoregressive generation over the latent KV cache: a jitted prefill and a jitted decode step.
+"""Generation over the latent KV cache, fully compiled: one jitted prefill + ``lax.while_loop``.
+
+Glossary: b batch, s prompt positions, t cache slots, w vocabulary.
 
 The cache holds, per layer, only the normed latent c_kv [b, t, c] and the roped k_rope [b, t, r]
-(V3 report section 2.1.1); see ``mla.LatentCache``.
+(V3 report section 2.1.1; ``mla.LatentCache``); decode attends over it in absorbed form by default.
+
+Batches of prompts of different lengths are right-padded: row b's token at position p sits in cache
+slot p, and a query at position p sees slots <= p only, so padding (and rejected drafts) are masked
+until overwritten and never change a row's tokens. Prompt lengths are bucketed (and cache lengths
+rounded up) so prompts of different lengths reuse one compiled program.
+
+Speculative decoding with MTP (V3 report section 2.2 and 5.4.3): the first MTP module drafts one
+token from the main model's last hidden state; the main model verifies [current, draft] in one
+forward; greedy accepts a draft equal to the main model's argmax (output identical to plain greedy),
+sampling accepts with probability min(1, p/q) and resamples rejections from max(p - q, 0)
+(speculative sampling, Leviathan et al. 2023), so the output distribution is unchanged.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from dsv3_jax.model import DeepseekV3, check_input_ids
 
-_CACHE_BUCKET = 64  # cache lengths are rounded up to this, so prompts of similar length share code
-
+_CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this
+_MIN_PROMPT_BUCKET = 16  # prompt lengths are rounded up to a power of two >= this
 
 # Donation saves a copy on GPU/TPU; the CPU backend ignores it (and would warn each compile).
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _prefill(graphdef, state, input_ids, cache):
-    model = nnx.merge(graphdef, state)
-    out = model.forward(input_ids, cache=cache)
-    return out.logits[:, -1], out.cache
+class Sampler(NamedTuple):
+    """Static sampling settings (part of the compiled program's key)."""
 
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _decode_step(graphdef, state, token, position, cache):
-    model = nnx.merge(graphdef, state)
-    positions = jnp.broadcast_to(position, token.shape).astype(jnp.int32)  # [b, 1]
-    out = model.forward(token, positions=positions, cache=cache)
-    return out.logits[:, -1], out.cache
+    greedy: bool
+    top_k: int | None
+    top_p: float | None
 
 
 def filter_logits(
@@ -45,7 +54,7 @@ def filter_logits(
     """Masks logits [b, w] outside the top-k and/or the nucleus of mass top_p to -inf.
 
     Nucleus: the smallest set of most likely tokens whose probability reaches top_p (the token
-    that crosses top_p is kept), as in HF ``TopPLogitsWarper``.
+    that crosses top_p is kept), as in HF ``TopPLogitsWarper``. Top-k is applied first.
     """
     if top_k is not None and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [b, 1]
@@ -65,13 +74,29 @@ def filter_logits(
     return logits
 
 
+def _probs(logits: jax.Array, temperature, sampler: Sampler) -> jax.Array:
+    """The sampling distribution float32 [b, w] (one-hot of the argmax when greedy)."""
+    if sampler.greedy:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    scaled = logits.astype(jnp.float32) / temperature
+    return jax.nn.softmax(filter_logits(scaled, sampler.top_k, sampler.top_p), axis=-1)
+
+
+def _draw(probs: jax.Array, key: jax.Array) -> jax.Array:
+    """One id int32 [b] from each row of probs [b, w] (rows may be unnormalised, not all zero)."""
+    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+
+
+def _choose(logits, key, temperature, sampler: Sampler) -> jax.Array:
+    if sampler.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return _draw(_probs(logits, temperature, sampler), key)
+
+
 @functools.partial(jax.jit, static_argnames=("top_k", "top_p", "greedy"))
 def sample_token(logits, key, temperature, *, top_k=None, top_p=None, greedy=False):
     """Next token ids int32 [b] from logits [b, w]: argmax if greedy, else filtered sampling."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return _choose(logits, key, temperature, Sampler(greedy, top_k, top_p))
 
 
 def check_sampling_args(
@@ -93,6 +118,210 @@ def check_sampling_args(
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
+# ---------------------------------------------------------------------- streaming
+class _StreamSink:
+    """Routes the compiled loop's host callback to the current ``generate`` call's callback.
+
+    The compiled program calls one fixed function (so a new callback never recompiles); calls
+    are serialised by a lock, so one ``generate`` streams at a time per process.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.target: Callable[[list[list[int]]], None] | None = None
+
+    def __call__(self, tokens, counts) -> None:
+        if self.target is not None:
+            tokens, counts = np.asarray(tokens), np.asarray(counts)
+            self.target([row[:n].tolist() for row, n in zip(tokens, counts, strict=True)])
+
+
+_SINK = _StreamSink()
+
+
+def _stream(tokens: jax.Array, counts: jax.Array, stream: bool) -> None:
+    """Sends each row's first counts[b] of tokens [b, m] to the host callback (if streaming)."""
+    if stream:
+        io_callback(_SINK, None, tokens, counts, ordered=True)
+
+
+# ---------------------------------------------------------------------- the compiled loops
+class _Loop(NamedTuple):
+    buf: jax.Array  # int32 [b, t]: prompt then generated tokens, by position
+    n_new: jax.Array  # int32 [b]: tokens generated per row
+    done: jax.Array  # bool [b]: row emitted EOS or reached max_new_tokens
+    drafted: jax.Array  # int32 []: drafts verified (speculative only)
+    accepted: jax.Array  # int32 []: drafts accepted
+    steps: jax.Array  # int32 []: main-model decode forwards after prefill
+
+
+def _put(buf, positions, tokens, mask):
+    """buf [b, t] with buf[b, positions[b]] = tokens[b] where mask[b]."""
+    rows = jnp.arange(buf.shape[0])
+    old = buf[rows, positions]
+    return buf.at[rows, positions].set(jnp.where(mask, tokens, old), mode="drop")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "cache_len", "sampler", "speculative", "stream")
+)
+def _generate_compiled(
+    graphdef,
+    state,
+    ids,
+    lengths,
+    max_new,
+    key,
+    temperature,
+    eos_id,
+    *,
+    cache_len: int,
+    sampler: Sampler,
+    speculative: bool,
+    stream: bool,
+) -> _Loop:
+    """Prefill + the whole token loop in one program.
+
+    ids int32 [b, s] right-padded prompts; lengths int32 [b] (>= 1); max_new, eos_id int32 []
+    (eos_id < 0: no EOS stop); temperature float32 [] (> 0 unless greedy).
+    """
+    model = nnx.merge(graphdef, state)
+    b, s = ids.shape
+    rows = jnp.arange(b)
+    cache = model.init_cache(b, cache_len, mtp=speculative)
+    buf = jnp.zeros((b, cache_len), jnp.int32).at[:, :s].set(ids)
+    out = model.forward(ids, cache=cache, prefill=True, logits_index=lengths - 1)
+    cache = out.cache
+    key, sub = jax.random.split(key)
+    first = _choose(out.logits[:, 0], sub, temperature, sampler)  # the token at position L
+    live = max_new > 0
+    buf = _put(buf, lengths, first, jnp.broadcast_to(live, (b,)))
+    n_new = jnp.full((b,), live.astype(jnp.int32))
+    done = (first == eos_id) | (n_new >= max_new)
+    _stream(first[:, None], n_new, stream)
+    zero = jnp.int32(0)
+    loop = _Loop(buf, n_new, done, zero, zero, zero)
+
+    if not speculative:
+
+        def body(carry):
+            loop, token, cache, key = carry
+            pos = lengths + loop.n_new - 1  # position of ``token``, fed now
+            out = model.forward(token[:, None], positions=pos[:, None], cache=cache)
+            key, sub = jax.random.split(key)
+            nxt = _choose(out.logits[:, -1], sub, temperature, sampler)
+            active = ~loop.done
+            buf = _put(loop.buf, pos + 1, nxt, active)
+            n_new = loop.n_new + active
+            done = loop.done | (nxt == eos_id) | (n_new >= max_new)
+            _stream(nxt[:, None], active.astype(jnp.int32), stream)
+            loop = loop._replace(buf=buf, n_new=n_new, done=done, steps=loop.steps + 1)
+            return loop, jnp.where(active, nxt, token), out.cache, key
+
+        carry = (loop, first, cache, key)
+        carry = jax.lax.while_loop(lambda c: ~jnp.all(c[0].done), body, carry)
+        return carry[0]
+
+    # Speculative: draft the token after ``first`` with MTP module 1 over the prompt.
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    next_ids = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1)  # token at position + 1
+    next_ids = next_ids.at[rows, lengths - 1].set(first)
+    mtp_logits, cache = model.mtp_step(out.hidden, next_ids, positions, cache, prefill=True)
+    draft_logits = mtp_logits[rows, lengths - 1]  # [b, w], predicts position L + 1
+    key, sub = jax.random.split(key)
+    q = _probs(draft_logits, temperature, sampler)
+    draft = _choose(draft_logits, sub, temperature, sampler) if sampler.greedy else _draw(q, sub)
+
+    def spec_body(carry):
+        loop, token, draft, q, cache, key = carry
+        pos = lengths + loop.n_new - 1  # position of ``token`` (emitted, not yet fed)
+        fed = jnp.stack([token, draft], axis=1)  # [b, 2]
+        fed_pos = pos[:, None] + jnp.arange(2, dtype=jnp.int32)  # [b, 2]
+        out = model.forward(fed, positions=fed_pos, cache=cache)
+        key, k_accept, k_fix, k_bonus, k_draft = jax.random.split(key, 5)
+        if sampler.greedy:
+            t0 = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
+            accept = t0 == draft
+            t1 = jnp.argmax(out.logits[:, 1], axis=-1).astype(jnp.int32)
+        else:
+            p0 = _probs(out.logits[:, 0], temperature, sampler)  # target for position + 1
+            p_d, q_d = p0[rows, draft], q[rows, draft]
+            accept = jax.random.uniform(k_accept, (b,)) * q_d < p_d  # prob. min(1, p/q)
+            residual = jnp.maximum(p0 - q, 0.0)
+            residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p0)
+            t0 = jnp.where(accept, draft, _draw(residual, k_fix))
+            t1 = _draw(_probs(out.logits[:, 1], temperature, sampler), k_bonus)
+        active = ~loop.done
+        # Emit t0, then t1 if the draft was accepted, t0 is not EOS and the budget allows.
+        second = active & accept & (t0 != eos_id) & (loop.n_new + 1 < max_new)
+        buf = _put(loop.buf, pos + 1, t0, active)
+        buf = _put(buf, pos + 2, t1, second)
+        n_emit = active.astype(jnp.int32) + second
+        n_new = loop.n_new + n_emit
+        last = jnp.where(second, t1, t0)
+        done = loop.done | (last == eos_id) | (n_new >= max_new)
+        _stream(jnp.stack([t0, t1], axis=1), n_emit, stream)
+        # MTP over both verified positions; the draft comes from the last emitted token's row.
+        mtp_logits, cache = model.mtp_step(
+            out.hidden, jnp.stack([t0, t1], axis=1), fed_pos, out.cache
+        )
+        draft_logits = mtp_logits[rows, second.astype(jnp.int32)]  # [b, w]
+        q = _probs(draft_logits, temperature, sampler)
+        if sampler.greedy:
+            new_draft = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
+        else:
+            new_draft = _draw(q, k_draft)
+        loop = _Loop(
+            buf,
+            n_new,
+            done,
+            loop.drafted + active.sum(dtype=jnp.int32),
+            loop.accepted + (active & accept).sum(dtype=jnp.int32),
+            loop.steps + 1,
+        )
+        return loop, jnp.where(active, last, token), new_draft, q, cache, key
+
+    carry = (loop, first, draft, q, cache, key)
+    carry = jax.lax.while_loop(lambda c: ~jnp.all(c[0].done), spec_body, carry)
+    return carry[0]
+
+
+# ---------------------------------------------------------------------- public API
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def _as_prompts(input_ids, vocab_size: int, max_len: int) -> tuple[list[np.ndarray], bool]:
+    """(list of int32 [s_b] prompts, whether the input was one [b, s] array)."""
+    if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
+        prompts = [np.asarray(p) for p in input_ids]
+        for i, p in enumerate(prompts):
+            if p.ndim != 1:
+                raise ValueError(f"prompt {i} must be a flat list of ids, got shape {p.shape}")
+            try:
+                check_input_ids(p.reshape(1, -1), vocab_size, max_len)
+            except ValueError as err:
+                raise ValueError(f"prompt {i}: {err}") from None
+        return [p.astype(np.int32) for p in prompts], False
+    if isinstance(input_ids, (list, tuple)) and not input_ids:
+        raise ValueError("input_ids is an empty list of prompts")
+    check_input_ids(input_ids, vocab_size, max_len)
+    return [np.asarray(row, np.int32) for row in np.asarray(input_ids)], True
+
+
+class GenerateStats(NamedTuple):
+    """What a :func:`generate` call did. acceptance_rate = accepted / drafted (NaN when none)."""
+
+    new_tokens: int  # tokens generated, all rows
+    steps: int  # main-model decode forwards after the prefill
+    drafted: int
+    accepted: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+
 def generate(
     model: DeepseekV3,
     input_ids,
@@ -102,55 +331,87 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
-    callback: Callable[[np.ndarray], None] | None = None,
-) -> jax.Array:
-    """Generates ``max_new_tokens`` tokens after each prompt.
+    eos_id: int | None = None,
+    callback: Callable[[list[list[int]]], None] | None = None,
+    speculative_mtp: bool = False,
+    return_stats: bool = False,
+):
+    """Generates up to ``max_new_tokens`` tokens after each prompt, in one compiled loop.
 
     Args:
-      model: a DeepseekV3.
-      input_ids: int [b, s] prompts (same length; include the BOS yourself).
-      max_new_tokens: tokens to add (>= 0).
-      temperature: 0 means greedy argmax; > 0 scales the logits before sampling.
+      model: a DeepseekV3 (with MTP modules for ``speculative_mtp``).
+      input_ids: int [b, s] prompts of equal length, or a list of prompts (sequences of ids) of
+        any lengths >= 1. Include the BOS yourself (exactly one; ``data.encode_document`` does).
+      max_new_tokens: tokens to add per prompt (>= 0).
+      temperature: 0 means greedy argmax; > 0 divides the logits before sampling.
       top_k: keep the k most likely tokens (None: all). top_p: nucleus mass in (0, 1] (None: all).
       seed: PRNG seed for sampling.
-      callback: called with each new token column, np.int32 [b], as soon as it is chosen.
+      eos_id: stop a row after it emits this id (kept in its output); None: never stop early.
+      callback: streaming; called after each step with one list per row of the ids that row
+        gained (empty for finished rows; up to 2 ids when speculating).
+      speculative_mtp: draft with MTP module 1 and verify with the main model (see module doc).
+        Greedy output equals plain greedy; sampled output has the same distribution.
+      return_stats: also return a :class:`GenerateStats` (acceptance rate when speculating).
 
     Returns:
-      int32 [b, s + max_new_tokens], the prompts included.
+      For an array input, int32 [b, s + max_new_tokens] (prompts included; after a row's EOS the
+      rest is eos_id). For a list input, one list of ids per prompt: the prompt, then its new
+      tokens up to and including EOS. With ``return_stats``, a (result, stats) pair.
 
     Raises:
-      ValueError: bad ids, a bad sampling argument, or s + max_new_tokens > max_position_embeddings.
+      ValueError: bad ids, a bad sampling argument, s + max_new_tokens > max_position_embeddings,
+        or ``speculative_mtp`` on a model without MTP modules.
     """
     cfg = model.config
-    check_input_ids(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
-    ids = jnp.asarray(input_ids, jnp.int32)
-    b, s = ids.shape
-    check_sampling_args(cfg.max_position_embeddings, s, max_new_tokens, temperature, top_k, top_p)
-    if max_new_tokens == 0:
-        return ids
-    graphdef, state = nnx.split(model)
-    total = s + max_new_tokens
-    cache_len = max(
-        total, min(-(-total // _CACHE_BUCKET) * _CACHE_BUCKET, cfg.max_position_embeddings)
+    prompts, as_array = _as_prompts(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    check_sampling_args(
+        cfg.max_position_embeddings, int(lengths.max()), max_new_tokens, temperature, top_k, top_p
     )
-    cache = model.init_cache(b, cache_len)
-    greedy = temperature == 0.0
-    key = jax.random.key(seed)
-    logits, cache = _prefill(graphdef, state, ids, cache)
-    out = [ids]
-    for i in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        token = sample_token(
-            logits,
-            sub,
-            jnp.float32(max(temperature, 1e-6)),
-            top_k=top_k,
-            top_p=top_p,
-            greedy=greedy,
+    if speculative_mtp and not model.num_mtp:
+        raise ValueError(
+            "speculative_mtp needs MTP weights; this model has none "
+            "(its checkpoint has no MTP layer, or it was loaded without them)"
         )
-        out.append(token[:, None])
-        if callback is not None:
-            callback(np.asarray(token))
-        if i + 1 < max_new_tokens:
-            logits, cache = _decode_step(graphdef, state, token[:, None], jnp.int32(s + i), cache)
-    return jnp.concatenate(out, axis=1)
+    if max_new_tokens == 0:
+        result = jnp.asarray(np.stack(prompts)) if as_array else [p.tolist() for p in prompts]
+        return (result, GenerateStats(0, 0, 0, 0)) if return_stats else result
+    b = len(prompts)
+    s = min(_bucket(int(lengths.max()), _MIN_PROMPT_BUCKET), cfg.max_position_embeddings)
+    padded = np.zeros((b, s), np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    cache_len = -(-(s + max_new_tokens + 2) // _CACHE_BUCKET) * _CACHE_BUCKET
+    sampler = Sampler(temperature == 0.0, top_k, top_p)
+    graphdef, state = nnx.split(model)
+    with _SINK.lock:
+        _SINK.target = callback
+        try:
+            loop = _generate_compiled(
+                graphdef,
+                state,
+                jnp.asarray(padded),
+                jnp.asarray(lengths),
+                jnp.int32(max_new_tokens),
+                jax.random.key(seed),
+                jnp.float32(max(temperature, 1e-6)),
+                jnp.int32(-1 if eos_id is None else eos_id),
+                cache_len=cache_len,
+                sampler=sampler,
+                speculative=speculative_mtp,
+                stream=callback is not None,
+            )
+            buf, n_new = np.asarray(loop.buf), np.asarray(loop.n_new)
+        finally:
+            _SINK.target = None
+    rows = [buf[i, : lengths[i] + n_new[i]] for i in range(b)]
+    stats = GenerateStats(int(n_new.sum()), int(loop.steps), int(loop.drafted), int(loop.accepted))
+    if as_array:
+        fill = -1 if eos_id is None else eos_id
+        result = np.full((b, int(lengths[0]) + max_new_tokens), fill, np.int32)
+        for i, row in enumerate(rows):
+            result[i, : len(row)] = row
+        result = jnp.asarray(result)
+    else:
+        result = [row.tolist() for row in rows]
+    return (result, stats) if return_stats else result

@@ -17,7 +17,7 @@ from flax import nnx
 from tensorboardX import SummaryWriter
 
 from dsv3_jax import checkpoint, data, train_lib
-from dsv3_jax.config import ModelConfig, RopeScaling
+from dsv3_jax.config import IMPLEMENTATION_FIELDS, ModelConfig, RopeScaling
 from dsv3_jax.model import DeepseekV3
 
 log = logging.getLogger("dsv3_jax")
@@ -152,7 +152,7 @@ def train(cfg, workdir: str) -> dict:
         diff = {
             k: (saved["model_config"].get(k), v)
             for k, v in meta["model_config"].items()
-            if saved["model_config"].get(k) != v and k not in ("dtype", "remat", "moe_impl")
+            if saved["model_config"].get(k) != v and k not in IMPLEMENTATION_FIELDS
         }
         if diff or saved.get("vocab") != meta["vocab"]:
             raise RunConfigError(

@@ -1,5 +1,6 @@
 """One MLA layer against a float64 numpy reference written from the V2/V3 equations."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ from flax import nnx
 
 from dsv3_jax import ModelConfig, rope
 from dsv3_jax.config import RopeScaling
-from dsv3_jax.mla import MLA, init_cache
+from dsv3_jax import kv_cache_bytes_per_token
+from dsv3_jax.mla import MLA, LatentCache, init_cache
 
 
 def make_cfg(q_lora, v_dim, yarn):
@@ -83,16 +85,17 @@ def test_mla_matches_float64_reference(q_lora, v_dim, yarn):
         np.testing.assert_allclose(np.asarray(out[b]), np_mla(params, x[b], cfg), atol=1e-5)
 
 
+@pytest.mark.parametrize("decode", ["absorbed", "naive"])
 @pytest.mark.parametrize("q_lora, v_dim, yarn", [(10, 8, True), (None, 5, False)])
-def test_latent_cache_decode_equals_full_forward(q_lora, v_dim, yarn):
-    cfg = make_cfg(q_lora, v_dim, yarn)
+def test_latent_cache_decode_equals_full_forward(q_lora, v_dim, yarn, decode):
+    cfg = make_cfg(q_lora, v_dim, yarn).replace(mla_decode=decode)
     mla = MLA(cfg, rngs=nnx.Rngs(1))
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 7, 24)), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
     full, _ = mla(x, pos)
     cache = init_cache(cfg, 1, 2, 16)
     cache = type(cache)(cache.c_kv[0], cache.k_rope[0])
-    prefill, cache = mla(x[:, :3], pos[:, :3], cache)  # prefill 3, then one token at a time
+    prefill, cache = mla(x[:, :3], pos[:, :3], cache, prefill=True)  # 3, then one at a time
     outs = [prefill]
     for t in range(3, 7):
         o, cache = mla(x[:, t : t + 1], pos[:, t : t + 1], cache)
@@ -105,3 +108,46 @@ def test_latent_cache_decode_equals_full_forward(q_lora, v_dim, yarn):
         cfg.qk_rope_head_dim,
     )
     assert not np.asarray(cache.c_kv[:, 7:]).any()
+
+
+@pytest.mark.parametrize("q_lora, v_dim", [(10, 8), (None, 5), (10, 11)])
+def test_absorbed_equals_naive_over_a_ragged_cache(q_lora, v_dim):
+    """Absorbed MLA (kv_b folded into q and out) equals the naive form to 1e-5 in float32.
+
+    Random cache contents, per-row query positions (a row of 3 queries, as when verifying drafts),
+    and large garbage beyond each row's position, which both forms must mask.
+    """
+    cfg = make_cfg(q_lora, v_dim, True)
+    absorbed = MLA(cfg, rngs=nnx.Rngs(2))
+    naive = MLA(cfg.replace(mla_decode="naive"), rngs=nnx.Rngs(2))
+    rng = np.random.default_rng(3)
+    b, s, t = 3, 3, 20
+    start = np.array([0, 6, 14])
+    pos = jnp.asarray(start[:, None] + np.arange(s), jnp.int32)  # [b, s]
+    c_kv = rng.normal(size=(b, t, cfg.kv_lora_rank))
+    k_rope = rng.normal(size=(b, t, cfg.qk_rope_head_dim))
+    for i, p0 in enumerate(start):
+        c_kv[i, p0 + s :] = 1e4  # beyond the row's last query: never visible
+        k_rope[i, p0 + s :] = -1e4
+    cache = LatentCache(jnp.asarray(c_kv, jnp.float32), jnp.asarray(k_rope, jnp.float32))
+    x = jnp.asarray(rng.normal(size=(b, s, 24)), jnp.float32)
+    out_a, cache_a = absorbed(x, pos, cache)
+    out_n, cache_n = naive(x, pos, cache)
+    assert np.abs(np.asarray(out_n)).max() > 0.1
+    np.testing.assert_allclose(np.asarray(out_a), np.asarray(out_n), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(cache_a.c_kv), np.asarray(cache_n.c_kv))
+
+
+def test_kv_cache_bytes_per_token():
+    from configs import deepseek_v3_671b
+
+    v3 = ModelConfig(**deepseek_v3_671b.get_config().model)
+    # V3 report / deepseek_v3.md: (512 + 64) x 61 layers x 2 bytes = 70,272 bytes per token in bf16.
+    assert kv_cache_bytes_per_token(v3, jnp.bfloat16) == 70_272
+    cfg = make_cfg(10, 8, False).replace(num_hidden_layers=3, first_k_dense_replace=1)
+    from dsv3_jax import DeepseekV3
+
+    model = DeepseekV3(cfg, rngs=nnx.Rngs(0), mtp=False)
+    cache = model.init_cache(2, 10, jnp.bfloat16)
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+    assert kv_cache_bytes_per_token(cfg, jnp.bfloat16) == nbytes // (2 * 10)

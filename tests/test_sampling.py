@@ -6,6 +6,7 @@ from flax import nnx
 from test_config import TINY
 
 from dsv3_jax import DeepseekV3, ModelConfig, generate
+from dsv3_jax import sampling
 from dsv3_jax.sampling import filter_logits, sample_token
 
 
@@ -71,7 +72,7 @@ def test_sampling_is_seeded_and_streams(model):
         temperature=1.0,
         top_k=10,
         seed=3,
-        callback=lambda t: seen.append(int(t[0])),
+        callback=lambda new: seen.extend(new[0]),
     )
     b = generate(model, prompt, 8, temperature=1.0, top_k=10, seed=3)
     c = generate(model, prompt, 8, temperature=1.0, top_k=10, seed=4)
@@ -93,3 +94,123 @@ def test_sampling_is_seeded_and_streams(model):
 def test_generate_rejects_bad_arguments(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         generate(model, np.array([[0, 1, 2]]), **kwargs)
+
+
+def greedy_by_full_forward(model, prompt, n, eos_id=None):
+    """Reference: each new token is the argmax of a full forward over everything before it."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(np.asarray(model(np.array([ids])))[0, -1].argmax()))
+        if ids[-1] == eos_id:
+            break
+    return ids
+
+
+def test_batched_ragged_prompts_equal_each_prompt_alone(model):
+    prompts = [[0, 5, 9, 3], [0, 7], [0, *range(20, 37)]]  # lengths 4, 2, 18 (two buckets apart)
+    batched = generate(model, prompts, 7)
+    assert [len(r) for r in batched] == [11, 9, 25]
+    for p, row in zip(prompts, batched):
+        assert row == greedy_by_full_forward(model, p, 7)
+        assert generate(model, [p], 7) == [row]
+
+
+def test_eos_stops_each_row(model):
+    prompts = [[0, 5, 9, 3], [0, 7]]
+    free = generate(model, prompts, 8)
+    eos = free[0][6]  # the third new token of row 0
+    out = generate(model, prompts, 8, eos_id=eos)
+    for p, row in zip(prompts, out):
+        assert row == greedy_by_full_forward(model, p, 8, eos_id=eos)
+    assert out[0] == free[0][:7]
+    # The array form fills a finished row with eos_id.
+    arr = np.asarray(generate(model, np.array([[0, 5, 9, 3]]), 8, eos_id=eos))
+    np.testing.assert_array_equal(arr[0], free[0][:7] + [eos] * 5)
+
+
+def test_prompt_lengths_share_one_compiled_program(model):
+    generate(model, [[0, 3, 4]], 5)
+    before = sampling._generate_compiled._cache_size()
+    generate(model, [[0, 3, 4, 5, 6, 7]], 5)  # same bucket (16), same cache length
+    generate(model, [[0, 9]], 20)  # another max_new_tokens, same cache bucket
+    assert sampling._generate_compiled._cache_size() == before
+
+
+def test_streamed_tokens_are_the_output(model):
+    prompts = [[0, 5, 9, 3], [0, 7]]
+    seen = [[], []]
+
+    def cb(new):
+        for row, toks in zip(seen, new):
+            row.extend(toks)
+
+    out = generate(model, prompts, 6, temperature=0.9, seed=1, callback=cb)
+    assert [p + s for p, s in zip(prompts, seen)] == out
+
+
+def test_generate_rejects_bad_prompts(model):
+    with pytest.raises(ValueError, match="prompt 1"):
+        generate(model, [[0, 1], []], 2)
+    with pytest.raises(ValueError, match="prompt 0.*vocab_size"):
+        generate(model, [[0, 99]], 2)
+    with pytest.raises(ValueError, match="MTP"):
+        generate(DeepseekV3(ModelConfig(**TINY), rngs=nnx.Rngs(0), mtp=False), [[0]], 2,
+                 speculative_mtp=True)  # fmt: skip
+
+
+# ---------------------------------------------------------------------- speculative decoding
+# A 4-token vocabulary makes the random MTP module's drafts right often enough that both the
+# accept and the reject paths run.
+SMALL_VOCAB = dict(TINY, vocab_size=4)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return DeepseekV3(ModelConfig(**SMALL_VOCAB, initializer_range=0.5), rngs=nnx.Rngs(5))
+
+
+def test_speculative_greedy_equals_plain_greedy(small_model):
+    prompts = [[0, 1, 2, 3, 2], [0, 2], [0, 3, 3, 1, 2, 1, 0, 2, 2, 3]]
+    plain = generate(small_model, prompts, 20)
+    spec, stats = generate(small_model, prompts, 20, speculative_mtp=True, return_stats=True)
+    assert spec == plain
+    assert 0 < stats.accepted < stats.drafted, stats
+    assert stats.steps < 20 and stats.new_tokens == 60
+    # With an EOS stop and a budget that a 2-token step can overshoot.
+    for eos, n in ((plain[0][9], 20), (None, 7)):
+        assert generate(small_model, prompts, n, eos_id=eos, speculative_mtp=True) == generate(
+            small_model, prompts, n, eos_id=eos
+        )
+
+
+def exact_continuations(model, prompt, n, temperature, top_k):
+    """float64 probability of every n-token continuation, from full forwards (numpy filter)."""
+    w = model.config.vocab_size
+    seqs = np.array(np.meshgrid(*[range(w)] * n, indexing="ij")).reshape(n, -1).T  # [w^n, n]
+    ids = np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], axis=1)
+    logits = np.asarray(model(ids), np.float64)[:, len(prompt) - 1 : -1]  # [w^n, n, w]
+    prob = np.ones(len(seqs))
+    for j in range(n):
+        p = np_filter(logits[:, j] / temperature, top_k, None)
+        prob *= p[np.arange(len(seqs)), seqs[:, j]]
+    return seqs, prob
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, 3)])
+def test_speculative_sampling_keeps_the_distribution(small_model, temperature, top_k):
+    """Rejection sampling: 3-token continuations of 4,000 rows follow the exact distribution."""
+    prompt, n, rows = [0, 2, 1], 3, 4000
+    seqs, want = exact_continuations(small_model, prompt, n, temperature, top_k)
+    index = {tuple(s): i for i, s in enumerate(seqs.tolist())}
+    for spec in (True, False):
+        out, stats = generate(small_model, [prompt] * rows, n, temperature=temperature,
+                              top_k=top_k, seed=7, speculative_mtp=spec, return_stats=True)  # fmt: skip
+        counts = np.bincount([index[tuple(r[3:])] for r in out], minlength=len(seqs))
+        assert (counts[want == 0] == 0).all()
+        expected = want * rows
+        keep = expected >= 5  # Pearson chi-square over cells with enough mass
+        chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+        dof = keep.sum() - 1
+        assert chi2 < dof + 5 * np.sqrt(2 * dof), (spec, chi2, dof)  # about 5 sigma
+        if spec:
+            assert 0 < stats.accepted < stats.drafted
