@@ -107,7 +107,7 @@ def _fwd_kernel(*refs, num_parts, cfg, seq_len, padded):
     num_kb = k_refs[0].shape[0] // bk
 
     def body(j, carry):
-        acc, m, l = carry
+        acc, m, lsum = carry
         start = pl.multiple_of(j * bk, bk)
         sc = _scores(q_parts, k_refs, start, bk, cfg.scale)  # [bq, bk]
         mask = _mask(iq * bq, start, sc.shape, cfg.causal, seq_len, padded)
@@ -117,10 +117,10 @@ def _fwd_kernel(*refs, num_parts, cfg, seq_len, padded):
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(sc - m_safe[:, None])
         alpha = jnp.exp(m - m_safe)
-        l = alpha * l + jnp.sum(p, axis=1)
+        lsum = alpha * lsum + jnp.sum(p, axis=1)
         v = v_ref[pl.ds(start, bk), :]  # [bk, dv]
         pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
-        return alpha[:, None] * acc + pv, m_new, l
+        return alpha[:, None] * acc + pv, m_new, lsum
 
     hi = num_kb
     if cfg.causal:  # skip key blocks entirely above the diagonal
@@ -130,10 +130,10 @@ def _fwd_kernel(*refs, num_parts, cfg, seq_len, padded):
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(0, hi, body, init)
-    l_safe = jnp.where(l == 0.0, 1.0, l)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(l_safe))
+    acc, m, lsum = lax.fori_loop(0, hi, body, init)
+    lsum_safe = jnp.where(lsum == 0.0, 1.0, lsum)
+    o_ref[...] = (acc / lsum_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(lsum == 0.0, -jnp.inf, m + jnp.log(lsum_safe))
 
 
 def _dkdv_kernel(*refs, num_parts, cfg, seq_len, padded):
@@ -172,7 +172,10 @@ def _dkdv_kernel(*refs, num_parts, cfg, seq_len, padded):
         return dks, dv
 
     lo = lax.div(jk * bk, bq) if cfg.causal else 0  # query blocks wholly above: skipped
-    init = (tuple(jnp.zeros(r.shape, jnp.float32) for r in dk_refs), jnp.zeros(v.shape, jnp.float32))
+    init = (
+        tuple(jnp.zeros(r.shape, jnp.float32) for r in dk_refs),
+        jnp.zeros(v.shape, jnp.float32),
+    )
     dks, dv = lax.fori_loop(lo, num_qb, body, init)
     for r, dk in zip(dk_refs, dks, strict=True):
         r[...] = dk.astype(r.dtype)

@@ -60,7 +60,7 @@ def _decode_kernel(
     kr_ref,  # [chunk, r] this split's rope keys
     acc_ref,  # [block_rows, c] float32, unnormalised
     m_ref,  # [block_rows] float32 running max (-inf: nothing visible)
-    l_ref,  # [block_rows] float32 running sum of exp
+    lsum_ref,  # [block_rows] float32 running sum of exp
     *,
     scale: float,
     block_t: int,
@@ -77,7 +77,7 @@ def _decode_kernel(
     num_blocks = jnp.minimum(lax.div(visible + (block_t - 1), block_t), chunk // block_t)
 
     def body(i, carry):
-        acc, m, l = carry
+        acc, m, lsum = carry
         start = pl.multiple_of(i * block_t, block_t)
         ck = ckv_ref[pl.ds(start, block_t), :]  # [block_t, c]
         kr = kr_ref[pl.ds(start, block_t), :]  # [block_t, r]
@@ -91,20 +91,20 @@ def _decode_kernel(
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # fully masked so far: no NaN
         p = jnp.exp(sc - m_safe[:, None])  # masked slots -> exactly 0
         alpha = jnp.exp(m - m_safe)
-        l = alpha * l + jnp.sum(p, axis=1)
+        lsum = alpha * lsum + jnp.sum(p, axis=1)
         pv = lax.dot_general(p.astype(ck.dtype), ck, _NN, preferred_element_type=f32)
         acc = alpha[:, None] * acc + pv  # [rows, c]
-        return acc, m_new, l
+        return acc, m_new, lsum
 
     init = (
         jnp.zeros(acc_ref.shape, jnp.float32),
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(0, num_blocks, body, init)
+    acc, m, lsum = lax.fori_loop(0, num_blocks, body, init)
     acc_ref[...] = acc
     m_ref[...] = m
-    l_ref[...] = l
+    lsum_ref[...] = lsum
 
 
 def _round_up(x: int, m: int) -> int:
@@ -136,7 +136,9 @@ def _compiler_params(bs, interpret: bool):
 
 def _check_shapes(q_c, q_r, c_kv, k_rope, q_positions):
     if q_c.ndim != 4 or q_r.ndim != 4 or q_c.shape[:3] != q_r.shape[:3]:
-        raise ValueError(f"q_c [b, s, h, c] and q_r [b, s, h, r] must agree: {q_c.shape=} {q_r.shape=}")
+        raise ValueError(
+            f"q_c [b, s, h, c] and q_r [b, s, h, r] must agree: {q_c.shape=} {q_r.shape=}"
+        )
     b, s, h, c = q_c.shape
     r = q_r.shape[3]
     if c_kv.ndim != 3 or c_kv.shape[0] != b or c_kv.shape[2] != c:
@@ -242,7 +244,7 @@ def latent_attention(
         kr = jnp.pad(kr, ((0, 0), (0, t_p - t), (0, 0)))
 
     kernel = functools.partial(_decode_kernel, scale=float(scale), block_t=block_t, chunk=chunk)
-    acc, m, l = pl.pallas_call(
+    acc, m, lsum = pl.pallas_call(
         kernel,
         grid=(b, num_splits, num_row_blocks),  # row blocks fastest: they share a K/V chunk in L2
         in_specs=[
@@ -272,7 +274,7 @@ def latent_attention(
     m_all = jnp.where(m_all == -jnp.inf, 0.0, m_all)  # no split saw anything: weights 0, no NaN
     w = jnp.exp(m - m_all)  # [b, splits, rows_p]; 0 for empty splits
     num = jnp.einsum("bjx,bjxc->bxc", w, acc)  # [b, rows_p, c]
-    den = jnp.sum(w * l, axis=1)  # [b, rows_p]
+    den = jnp.sum(w * lsum, axis=1)  # [b, rows_p]
     out = num / jnp.where(den == 0.0, 1.0, den)[..., None]
     return out[:, :rows].reshape(b, s, h, c)  # [b, s, h, c]
 
