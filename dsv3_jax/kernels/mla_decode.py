@@ -41,14 +41,18 @@ class BlockSizes:
         [block_rows, c] float32 accumulator lives in registers).
       num_splits: chunks of t run in parallel; None picks enough to fill about ``target_programs``.
       target_programs: programs the automatic num_splits aims for (H100/H200: 132 SMs, ~2 waves).
+      min_split_t: fewest cache slots per automatic split: each split writes a [rows, c] float32
+        partial (256 KiB for V3's 128 heads), which must stay small beside the cache it reads
+        (512 slots of c + r bf16 = 576 KiB).
       num_warps, num_stages: Triton compiler parameters on GPU (None: Triton's defaults).
     """
 
-    block_t: int = 64
+    block_t: int = 32
     block_rows: int = 32
     num_splits: int | None = None
     target_programs: int = 256
-    num_warps: int | None = 4
+    min_split_t: int = 512
+    num_warps: int | None = 8
     num_stages: int | None = 2
 
 
@@ -111,9 +115,11 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _auto_num_splits(num_blocks: int, programs_per_split: int, target: int) -> int:
-    """Enough splits to reach ``target`` programs, preferring one that divides the blocks."""
-    want = max(1, min(num_blocks, -(-target // max(programs_per_split, 1))))
+def _auto_num_splits(num_blocks: int, programs_per_split: int, target: int, max_splits: int) -> int:
+    """Enough splits to reach ``target`` programs (at most ``max_splits``), preferring a split
+    size that divides the blocks (no cache padding)."""
+    want = -(-target // max(programs_per_split, 1))
+    want = max(1, min(num_blocks, max_splits, want))
     per = -(-num_blocks // want)  # blocks per split
     for d in range(per, min(2 * per, num_blocks) + 1):  # a divisor avoids padding the cache
         if num_blocks % d == 0:
@@ -224,7 +230,10 @@ def latent_attention(
     num_blocks = -(-t // block_t)
     num_splits = num_splits or bs.num_splits
     if num_splits is None:
-        num_splits = _auto_num_splits(num_blocks, b * num_row_blocks, bs.target_programs)
+        max_splits = max(1, t // bs.min_split_t)
+        num_splits = _auto_num_splits(
+            num_blocks, b * num_row_blocks, bs.target_programs, max_splits
+        )
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1: {num_splits=}")
     chunk = -(-num_blocks // num_splits) * block_t  # slots per split
