@@ -227,7 +227,8 @@ def _compiler_params(cfg: _Config):
     from jax.experimental.pallas import triton as plgpu
 
     kw = {k: v for k, v in (("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages)) if v}
-    return plgpu.CompilerParams(**kw) if kw else None
+    params = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # older jax
+    return params(**kw) if kw else None
 
 
 def _pad_seq(x, s_p):

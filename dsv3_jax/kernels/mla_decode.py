@@ -137,7 +137,8 @@ def _compiler_params(bs, interpret: bool):
     from jax.experimental.pallas import triton as plgpu
 
     kw = {k: v for k, v in (("num_warps", bs.num_warps), ("num_stages", bs.num_stages)) if v}
-    return plgpu.CompilerParams(**kw) if kw else None
+    params = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # older jax
+    return params(**kw) if kw else None
 
 
 def _check_shapes(q_c, q_r, c_kv, k_rope, q_positions):
