@@ -10,7 +10,7 @@ PYTHON_HF ?= python3.11
 STEPS ?=
 WORKDIR ?= runs/shakespeare
 
-.PHONY: demo test train sample goldens bench clean
+.PHONY: demo test train sample goldens bench-decode clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@if [ -z "$(PYTHON312)" ]; then echo "error: Python >= 3.12 not found; set PYTHON312=/path/to/python3.12" >&2; exit 1; fi
@@ -29,11 +29,18 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-# Regenerate the HF parity goldens (needs torch + transformers; not part of `make test`).
-goldens:
+.venv-hf/.installed:
 	$(PYTHON_HF) -m venv .venv-hf
-	.venv-hf/bin/pip install -q torch==2.13.0 transformers==5.24.0 safetensors numpy
+	.venv-hf/bin/pip install -q torch==2.13.0 transformers==5.24.0 safetensors numpy ml_dtypes
+	touch $@
+
+# Regenerate the HF parity goldens (needs torch + transformers; not part of `make test`).
+goldens: .venv-hf/.installed
 	.venv-hf/bin/python tests/goldens/make_goldens.py
+
+# dsv3_jax vs HF transformers decode speed (README figures); the speculative part needs `make demo`.
+bench-decode: $(VENV)/.installed .venv-hf/.installed
+	$(PY) bench/decode_bench.py --hf_python=.venv-hf/bin/python $(if $(wildcard $(WORKDIR)/checkpoints),--workdir=$(WORKDIR))
 
 clean:
 	rm -rf $(VENV) .venv-hf runs

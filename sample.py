@@ -1,39 +1,58 @@
-"""Sample text from a trained checkpoint, streaming tokens as they are generated.
+"""Sample text from a checkpoint, streaming tokens as they are generated.
 
 python sample.py --workdir=runs/shakespeare --prompt="ROMEO:" --max_new_tokens=200
-options: --temperature=0.8 --top_k=50 --top_p=0.95 --seed=0 --step=N --checkpoint=DIR
+options: --prompt may repeat (a batch of prompts of any lengths) --chat --speculative_mtp
+         --temperature=0.8 --top_k=50 --top_p=0.95 --seed=0 --step=N --checkpoint=DIR --verbose
 """
 
 import sys
+import time
 
+import jax
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
 from dsv3_jax import checkpoint, data, sampling
+from dsv3_jax.mla import kv_cache_bytes_per_token
+from dsv3_jax.model import with_implementation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (its latest checkpoint).")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A checkpoints folder (instead of --workdir)."
+    "checkpoint", None, "A checkpoints folder or converted checkpoint (instead of --workdir)."
 )
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_PROMPT = flags.DEFINE_string("prompt", "ROMEO:", "Prompt text (a BOS is prepended).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
+_PROMPT = flags.DEFINE_multi_string(
+    "prompt", ["ROMEO:"], "Prompt text (one BOS is prepended); repeat for a batch."
+)
+_CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt in the DeepSeek-V3 chat template.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass in (0, 1].")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "Stop a prompt at the EOS token.")
+_SPECULATIVE = flags.DEFINE_bool(
+    "speculative_mtp", False, "Draft with the MTP module, verify with the main model."
+)
+_MLA_DECODE = flags.DEFINE_enum(
+    "mla_decode", "absorbed", ["absorbed", "naive"], "Attention form over the latent cache."
+)
+_KERNEL = flags.DEFINE_enum(
+    "attention_kernel", "reference", ["reference", "pallas"], "Attention implementation."
+)
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print cache size and speed to stderr.")
 
 
 class _Streamer:
-    """Prints decoded text as tokens arrive, holding back incomplete UTF-8 characters."""
+    """Prints row 0's decoded text as tokens arrive, holding back incomplete UTF-8 characters."""
 
     def __init__(self, tokenizer, vocab):
         self.tokenizer, self.vocab, self.ids, self.printed = tokenizer, vocab, [], ""
 
-    def __call__(self, token: np.ndarray) -> None:
-        tok = int(token[0])
-        self.ids.append(int(self.vocab.to_original(tok)) if self.vocab else tok)
+    def __call__(self, new: list[list[int]]) -> None:
+        ids = np.asarray(new[0], np.int64)
+        self.ids.extend(self.vocab.to_original(ids).tolist() if self.vocab else ids.tolist())
         text = data.decode(self.tokenizer, self.ids)
         if not text.endswith("\ufffd"):
             sys.stdout.write(text[len(self.printed) :])
@@ -43,6 +62,19 @@ class _Streamer:
 
 def _fail(message: str):
     sys.exit(f"error: {message}")
+
+
+def _encode(tokenizer, vocab, text: str) -> np.ndarray:
+    ids = (
+        data.encode_chat(tokenizer, text) if _CHAT.value else data.encode_document(tokenizer, text)
+    )
+    if vocab is not None:
+        unknown = vocab.missing(ids)
+        if unknown.size:
+            pieces = [tokenizer.decode([int(i)]) for i in unknown]
+            _fail(f"the prompt uses tokens this model never saw in training: {pieces}")
+        ids = vocab.to_compact(ids)
+    return ids
 
 
 def main(argv):
@@ -59,23 +91,23 @@ def main(argv):
         model, meta = checkpoint.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value, _STEP.value)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
+    if _SPECULATIVE.value and not model.num_mtp:
+        _fail("--speculative_mtp needs MTP weights, and this checkpoint has none")
+    model = with_implementation(model, mla_decode=_MLA_DECODE.value, attention_kernel=_KERNEL.value)
     if _TEMPERATURE.value == 0 and (_TOP_K.value is not None or _TOP_P.value is not None):
         print(
             "note: --temperature=0 is greedy decoding; --top_k/--top_p are ignored", file=sys.stderr
         )
     tokenizer = data.load_tokenizer()
     vocab = data.CompactVocab(meta["vocab"]) if meta.get("vocab") else None
-    ids = data.encode_document(tokenizer, _PROMPT.value)
-    if vocab is not None:
-        unknown = vocab.missing(ids)
-        if unknown.size:
-            pieces = [tokenizer.decode([int(i)]) for i in unknown]
-            _fail(f"the prompt uses tokens this model never saw in training: {pieces}")
-        ids = vocab.to_compact(ids)
+    try:
+        prompts = [_encode(tokenizer, vocab, text) for text in _PROMPT.value]
+    except ValueError as err:
+        _fail(str(err))
     try:
         sampling.check_sampling_args(
             model.config.max_position_embeddings,
-            len(ids),
+            max(len(ids) for ids in prompts),
             _MAX_NEW.value,
             _TEMPERATURE.value,
             _TOP_K.value,
@@ -83,19 +115,55 @@ def main(argv):
         )
     except ValueError as err:
         _fail(str(err))
+    eos = data.EOS_ID if vocab is None else int(vocab.to_compact(np.array([data.EOS_ID]))[0])
     print(f"[checkpoint step {meta['step']}, {model.config.vocab_size} ids]", file=sys.stderr)
-    sys.stdout.write(_PROMPT.value)
-    sampling.generate(
+    if _VERBOSE.value:
+        cfg = model.config
+        per_token = kv_cache_bytes_per_token(cfg)
+        print(
+            f"[latent KV cache: {per_token:,} bytes per token = ({cfg.kv_lora_rank} + "
+            f"{cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} layers x {cfg.dtype}; "
+            f"attention {cfg.mla_decode}/{cfg.attention_kernel}; {jax.default_backend()}]",
+            file=sys.stderr,
+        )
+    stream = len(prompts) == 1
+    if stream:
+        sys.stdout.write(_PROMPT.value[0])
+    start = time.perf_counter()
+    out, stats = sampling.generate(
         model,
-        ids[None, :],
+        [ids.tolist() for ids in prompts],
         _MAX_NEW.value,
         temperature=_TEMPERATURE.value,
         top_k=_TOP_K.value,
         top_p=_TOP_P.value,
         seed=_SEED.value,
-        callback=_Streamer(tokenizer, vocab),
+        eos_id=eos if _STOP_AT_EOS.value else None,
+        callback=_Streamer(tokenizer, vocab) if stream else None,
+        speculative_mtp=_SPECULATIVE.value,
+        return_stats=True,
     )
-    sys.stdout.write("\n")
+    seconds = time.perf_counter() - start
+    if stream:
+        sys.stdout.write("\n")
+    else:
+        for i, (text, ids, row) in enumerate(zip(_PROMPT.value, prompts, out, strict=True)):
+            new = np.asarray(row[len(ids) :], np.int64)
+            new = vocab.to_original(new) if vocab is not None else new
+            sys.stdout.write(f"--- [{i}]\n{text}{data.decode(tokenizer, new)}\n")
+    if _SPECULATIVE.value:
+        print(
+            f"[speculative MTP: {stats.accepted}/{stats.drafted} drafts accepted "
+            f"({stats.acceptance_rate:.1%}), {stats.new_tokens} tokens in {stats.steps + 1} "
+            "main-model forwards]",
+            file=sys.stderr,
+        )
+    if _VERBOSE.value:
+        print(
+            f"[{stats.new_tokens} tokens in {seconds:.2f} s, {stats.new_tokens / seconds:.1f} "
+            "tokens/s including compilation]",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

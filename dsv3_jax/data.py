@@ -106,6 +106,38 @@ def _encode_batch(tokenizer: tokenizers.Tokenizer, texts: Sequence[str]) -> list
     return out
 
 
+def encode_chat(tokenizer: tokenizers.Tokenizer, messages) -> np.ndarray:
+    """Tokenizes a conversation with the DeepSeek-V3 chat template, ready for the reply.
+
+    The template is the one shipped in the tokenizer package's ``tokenizer_config.json`` (the
+    official model's), rendered with jinja2 as transformers' ``apply_chat_template`` does, with
+    ``add_generation_prompt=True``: ``<BOS>{system}<｜User｜>{user}<｜Assistant｜>``.
+
+    Args:
+        messages: a user message (str) or a list of {"role": "system"|"user"|"assistant",
+            "content": str} dicts.
+
+    Returns:
+        int32 [n] ids starting with exactly one BOS.
+
+    Raises:
+        ValueError: a message holds a BOS token string (there would be two BOS).
+    """
+    import jinja2.sandbox
+
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    config = json.loads((tokenizer_path().parent / "tokenizer_config.json").read_text())
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string(config["chat_template"]).render(
+        messages=messages, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, add_generation_prompt=True
+    )
+    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+    if ids[0] != BOS_ID or (ids == BOS_ID).sum() != 1:
+        raise ValueError("a chat message contains the BOS token string; remove it")
+    return ids
+
+
 def decode(tokenizer: tokenizers.Tokenizer, ids) -> str:
     """Decodes token ids (any int array-like, original vocabulary) to text, dropping BOS/EOS."""
     ids = [int(i) for i in np.asarray(ids).reshape(-1) if i not in (BOS_ID, EOS_ID)]

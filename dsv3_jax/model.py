@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import IMPLEMENTATION_FIELDS, ModelConfig
 from dsv3_jax.layers import MLP, Embed, Linear, RMSNorm, linear
 from dsv3_jax.mla import MLA, LatentCache, init_cache
 from dsv3_jax.moe import MoE
@@ -223,13 +223,16 @@ class DeepseekV3(nnx.Module):
     def _mtp_logits(self, module: MTPModule, h):
         return linear(module.shared_head_norm(h), self.lm_head.kernel[...], h.dtype, jnp.float32)
 
-    def mtp_step(self, hidden, next_ids, positions, cache: dict, *, prefill: bool = False):
+    def mtp_step(
+        self, hidden, next_ids, positions, cache: dict, *, prefill: bool = False, logits_index=None
+    ):
         """The first MTP module over a cache, for drafting (speculative decoding).
 
         Args:
           hidden: [b, s, d] main-model hidden states (after the final norm) at ``positions``.
           next_ids: int [b, s]: the token at position + 1 of each row.
           positions: int32 [b, s]; cache: from ``init_cache(..., mtp=True)``; prefill as in forward.
+          logits_index: optional int [b]: logits only at this index of each row ([b, 1, w]).
 
         Returns:
           (float32 logits [b, s, w] predicting the token at position + 2, the updated cache).
@@ -238,6 +241,8 @@ class DeepseekV3(nnx.Module):
         h, _, mtp_cache = module(
             hidden, self.embed_tokens(next_ids), positions, cache["mtp"], prefill
         )
+        if logits_index is not None:
+            h = jnp.take_along_axis(h, logits_index[:, None, None], axis=1)  # [b, 1, d]
         return self._mtp_logits(module, h), {**cache, "mtp": mtp_cache}
 
     def init_cache(self, batch: int, max_len: int, dtype=None, *, mtp: bool = False) -> dict:
@@ -254,6 +259,24 @@ class DeepseekV3(nnx.Module):
         if cfg.num_moe_layers:
             cache["moe"] = init_cache(cfg, cfg.num_moe_layers, batch, max_len, dtype)
         return cache
+
+
+def with_implementation(model: DeepseekV3, **changes) -> DeepseekV3:
+    """Switches implementation fields (``config.IMPLEMENTATION_FIELDS``, e.g. ``mla_decode``,
+    ``attention_kernel``, ``moe_impl``) of a built model in place; the weights are untouched.
+
+    Returns the model. Raises ValueError for a field that would change the architecture.
+    """
+    bad = sorted(set(changes) - set(IMPLEMENTATION_FIELDS))
+    if bad:
+        raise ValueError(
+            f"only implementation fields {IMPLEMENTATION_FIELDS} can change, got {bad}"
+        )
+    config = model.config.replace(**changes)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and isinstance(getattr(node, "config", None), ModelConfig):
+            node.config = config
+    return model
 
 
 def check_input_ids(input_ids, vocab_size: int, max_len: int | None = None) -> None:

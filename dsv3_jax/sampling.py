@@ -226,8 +226,10 @@ def _generate_compiled(
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     next_ids = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1)  # token at position + 1
     next_ids = next_ids.at[rows, lengths - 1].set(first)
-    mtp_logits, cache = model.mtp_step(out.hidden, next_ids, positions, cache, prefill=True)
-    draft_logits = mtp_logits[rows, lengths - 1]  # [b, w], predicts position L + 1
+    mtp_logits, cache = model.mtp_step(
+        out.hidden, next_ids, positions, cache, prefill=True, logits_index=lengths - 1
+    )
+    draft_logits = mtp_logits[:, 0]  # [b, w], predicts position L + 1
     key, sub = jax.random.split(key)
     q = _probs(draft_logits, temperature, sampler)
     draft = _choose(draft_logits, sub, temperature, sampler) if sampler.greedy else _draw(q, sub)
@@ -263,9 +265,13 @@ def _generate_compiled(
         _stream(jnp.stack([t0, t1], axis=1), n_emit, stream)
         # MTP over both verified positions; the draft comes from the last emitted token's row.
         mtp_logits, cache = model.mtp_step(
-            out.hidden, jnp.stack([t0, t1], axis=1), fed_pos, out.cache
+            out.hidden,
+            jnp.stack([t0, t1], axis=1),
+            fed_pos,
+            out.cache,
+            logits_index=second.astype(jnp.int32),
         )
-        draft_logits = mtp_logits[rows, second.astype(jnp.int32)]  # [b, w]
+        draft_logits = mtp_logits[:, 0]  # [b, w]
         q = _probs(draft_logits, temperature, sampler)
         if sampler.greedy:
             new_draft = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)

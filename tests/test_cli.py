@@ -124,6 +124,29 @@ def test_sample_streams_text_from_the_checkpoint(straight_run, env):
     assert _run(args, env).stdout == r.stdout  # same seed, same text
 
 
+def test_sample_batches_speculates_and_reports_the_cache(straight_run, env):
+    workdir, _ = straight_run
+    base = ["sample.py", f"--workdir={workdir}", "--max_new_tokens=10"]
+    one = _run([*base, "--prompt=KING:"], env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    # A batch of prompts of different lengths: each row as if alone (greedy).
+    many = _run([*base, "--prompt=First Citizen:", "--prompt=KING:"], env)
+    assert many.returncode == 0, many.stderr[-3000:]
+    assert "--- [1]\n" + one.stdout.strip() in many.stdout
+    # Speculative decoding with the MTP module: same greedy text, acceptance reported.
+    spec = _run([*base, "--prompt=KING:", "--speculative_mtp", "--verbose"], env)
+    assert spec.returncode == 0, spec.stderr[-3000:]
+    assert spec.stdout == one.stdout
+    assert "drafts accepted" in spec.stderr
+    # tiny config: (16 + 8) x 3 layers x 4 bytes (float32)
+    assert "latent KV cache: 288 bytes per token" in spec.stderr
+    naive = _run([*base, "--prompt=KING:", "--mla_decode=naive"], env)
+    assert naive.stdout == one.stdout
+    # The demo's compact vocabulary has no chat tokens: a clear error, nothing printed.
+    chat = _run([*base, "--prompt=Hi", "--chat"], env)
+    assert chat.returncode != 0 and "never saw in training" in chat.stderr and chat.stdout == ""
+
+
 def test_rerun_with_another_model_is_refused(straight_run, env):
     workdir, _ = straight_run
     before = sorted(os.listdir(workdir / "checkpoints"))

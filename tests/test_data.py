@@ -191,3 +191,30 @@ def test_val_batches_real_split(tokens):
     first = batches[0][0]
     np.testing.assert_array_equal(first[0], val[:257])
     np.testing.assert_array_equal(first[1], val[256:513])
+
+
+def test_chat_template_matches_the_official_format():
+    tok = data.load_tokenizer()
+    ids = data.encode_chat(tok, [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Who are you?"},
+    ])  # fmt: skip
+    # DeepSeek-V3's template (tokenizer_config.json of the official checkpoint), with one BOS.
+    want = (
+        "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜>Hello.<｜end▁of▁sentence｜>"
+        "<｜User｜>Who are you?<｜Assistant｜>"
+    )
+    assert tok.decode(ids.tolist(), skip_special_tokens=False) == want
+    assert ids[0] == data.BOS_ID and (ids == data.BOS_ID).sum() == 1
+    for special in ("<｜User｜>", "<｜Assistant｜>"):  # single special ids, not spelled-out text
+        assert tok.token_to_id(special) in ids.tolist()
+    assert (
+        data.encode_chat(tok, "Hi").tolist()
+        == tok.encode(
+            "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>", add_special_tokens=False
+        ).ids
+    )
+    with pytest.raises(ValueError, match="BOS"):
+        data.encode_chat(tok, "<｜begin▁of▁sentence｜>again")

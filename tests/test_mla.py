@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax import ModelConfig, rope
+from dsv3_jax import ModelConfig, kv_cache_bytes_per_token, rope
 from dsv3_jax.config import RopeScaling
-from dsv3_jax import kv_cache_bytes_per_token
 from dsv3_jax.mla import MLA, LatentCache, init_cache
 
 

@@ -114,3 +114,21 @@ def test_ids_edge_cases(model):
     np.testing.assert_array_equal(
         np.asarray(model([[0, 1, 2]])), np.asarray(model(np.array([[0, 1, 2]])))
     )
+
+
+def test_attention_kernel_switch_runs_the_pallas_kernels_inside_the_model():
+    """The same weights with attention_kernel="pallas" (interpret mode on CPU): flash attention
+    in the forward and prefill, latent decode attention over the cache; equal to the reference."""
+    from dsv3_jax import generate
+    from dsv3_jax.model import with_implementation
+
+    model = DeepseekV3(ModelConfig(**TINY, initializer_range=0.3), rngs=nnx.Rngs(4))
+    ids = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 11))
+    prompts = [[0, 5, 9, 3], [0, 7]]
+    ref_logits, ref_out = np.asarray(model(ids)), generate(model, prompts, 5)
+    with_implementation(model, attention_kernel="pallas")
+    assert model.moe_layers.self_attn.config.attention_kernel == "pallas"
+    np.testing.assert_allclose(np.asarray(model(ids)), ref_logits, atol=1e-4, rtol=0)
+    assert generate(model, prompts, 5) == ref_out
+    with pytest.raises(ValueError, match="hidden_size"):
+        with_implementation(model, hidden_size=64)

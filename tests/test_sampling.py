@@ -5,8 +5,7 @@ import pytest
 from flax import nnx
 from test_config import TINY
 
-from dsv3_jax import DeepseekV3, ModelConfig, generate
-from dsv3_jax import sampling
+from dsv3_jax import DeepseekV3, ModelConfig, generate, sampling
 from dsv3_jax.sampling import filter_logits, sample_token
 
 
@@ -110,7 +109,7 @@ def test_batched_ragged_prompts_equal_each_prompt_alone(model):
     prompts = [[0, 5, 9, 3], [0, 7], [0, *range(20, 37)]]  # lengths 4, 2, 18 (two buckets apart)
     batched = generate(model, prompts, 7)
     assert [len(r) for r in batched] == [11, 9, 25]
-    for p, row in zip(prompts, batched):
+    for p, row in zip(prompts, batched, strict=True):
         assert row == greedy_by_full_forward(model, p, 7)
         assert generate(model, [p], 7) == [row]
 
@@ -120,7 +119,7 @@ def test_eos_stops_each_row(model):
     free = generate(model, prompts, 8)
     eos = free[0][6]  # the third new token of row 0
     out = generate(model, prompts, 8, eos_id=eos)
-    for p, row in zip(prompts, out):
+    for p, row in zip(prompts, out, strict=True):
         assert row == greedy_by_full_forward(model, p, 8, eos_id=eos)
     assert out[0] == free[0][:7]
     # The array form fills a finished row with eos_id.
@@ -141,11 +140,11 @@ def test_streamed_tokens_are_the_output(model):
     seen = [[], []]
 
     def cb(new):
-        for row, toks in zip(seen, new):
+        for row, toks in zip(seen, new, strict=True):
             row.extend(toks)
 
     out = generate(model, prompts, 6, temperature=0.9, seed=1, callback=cb)
-    assert [p + s for p, s in zip(prompts, seen)] == out
+    assert [p + s for p, s in zip(prompts, seen, strict=True)] == out
 
 
 def test_generate_rejects_bad_prompts(model):
