@@ -35,7 +35,7 @@ class DecoderLayer(nnx.Module):
         )
 
     def __call__(self, h, positions, cache: LatentCache | None = None, prefill: bool = False):
-        """h [b, s, d] -> (h [b, s, d], aux dict (MoE: load [e], balance []), cache)."""
+        """h [b, s, d] -> (h [b, s, d], aux (MoE: load, balance, experts; see MoE), cache)."""
         attn, cache = self.self_attn(self.input_layernorm(h), positions, cache, prefill=prefill)
         h = h + attn
         ffn = self.mlp(self.post_attention_layernorm(h))
@@ -99,7 +99,7 @@ class MTPModule(nnx.Module):
 class ModelOutput(NamedTuple):
     logits: jax.Array  # float32 [b, s, w]
     hidden: jax.Array  # [b, s, d] after the final norm (h^0 of MTP)
-    aux: dict  # per MoE layer: load [l, e], balance [l]
+    aux: dict  # per MoE layer: load [l, e], balance [l], experts int32 [l, b, s, k]
     cache: dict | None  # {"dense": LatentCache, "moe": LatentCache} with leading [l]
 
 
@@ -157,6 +157,25 @@ class DeepseekV3(nnx.Module):
             return out.logits
         return out.logits, self.mtp_forward(input_ids, out.hidden)[0]
 
+    def expert_choices(self, input_ids) -> jax.Array:
+        """The routed experts each token goes to in each MoE layer of the main model.
+
+        Args:
+          input_ids: int [b, s], ids in [0, vocab_size).
+
+        Returns:
+          int32 [l, b, s, k] over the ``num_moe_layers`` MoE layers (layer
+          ``first_k_dense_replace + i`` is row i): expert ids in [0, n_routed_experts) as
+          ``moe.route`` picks them (group-limited top-k of s + b, highest first; V3 eqs. 12-16).
+
+        Raises:
+          ValueError: bad ids (as ``__call__``), or a model without MoE layers.
+        """
+        check_input_ids(input_ids, self.config.vocab_size, self.config.max_position_embeddings)
+        if self.moe_layers is None:
+            raise ValueError("this model has no MoE layers (first_k_dense_replace >= layers)")
+        return self.forward(jnp.asarray(input_ids)).aux["experts"]
+
     # ------------------------------------------------------------------ jittable pieces
     def forward(
         self,
@@ -207,7 +226,7 @@ class DeepseekV3(nnx.Module):
         Args:
           input_ids: int [b, s] (the main model's inputs). hidden: [b, s, d] main hidden after norm.
         Returns:
-          (logits list of float32 [b, s - k, w]; aux list of {load [e], balance []}).
+          (logits list of float32 [b, s - k, w]; aux list of {load, balance, experts} as MoE's).
         """
         logits, auxes = [], []
         h, s = hidden, input_ids.shape[1]

@@ -209,8 +209,9 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x [b, s, d] -> (out [b, s, d], aux).
 
-        aux: ``load`` float32 [e] (assignments per expert in this call) and ``balance`` (the
-        sequence-wise balance loss without alpha).
+        aux: ``load`` float32 [e] (assignments per expert in this call), ``balance`` (the
+        sequence-wise balance loss without alpha) and ``experts`` int32 [b, s, k] (the routed
+        experts of each token, as ``route`` picked them: highest biased score first).
         """
         cfg = self.config
         b, s, d = x.shape
@@ -245,5 +246,6 @@ class MoE(nnx.Module):
         aux = {
             "load": group_sizes.astype(jnp.float32),
             "balance": sequence_balance_loss(scores, idx.reshape(b, s, k), e),
+            "experts": idx.reshape(b, s, k),
         }
         return out, aux

@@ -1,5 +1,7 @@
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -18,3 +20,47 @@ def tol(dtype: str) -> float:
 @pytest.fixture(params=GOLDEN_DIRS, ids=lambda p: p.name)
 def golden_dir(request) -> pathlib.Path:
     return request.param
+
+
+def run_script(args, env, **kw) -> subprocess.CompletedProcess:
+    """Runs ``python *args`` in the repository root, capturing text output."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
+
+
+def train_args(workdir, env, steps=8) -> list[str]:
+    """train.py arguments for a tiny run (configs/tiny.py) with the token cache in env's DSV3_CACHE."""
+    return [
+        "train.py",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.train.steps={steps}",
+        f"--config.data.cache_dir={env['DSV3_CACHE']}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory) -> dict:
+    """Environment for scripts: CPU, unbuffered, a fresh token cache folder in DSV3_CACHE."""
+    e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    e["DSV3_CACHE"] = str(tmp_path_factory.mktemp("tokens"))
+    return e
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cli_env):
+    """(workdir, CompletedProcess) of one 8-step tiny training run, shared by the session's tests.
+
+    Tests may read it and rerun train.py on it only in ways that change nothing saved.
+    """
+    workdir = tmp_path_factory.mktemp("straight")
+    r = run_script(train_args(workdir, cli_env), cli_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return workdir, r

@@ -9,46 +9,22 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_script, train_args
 
 pytestmark = pytest.mark.slow
 
 
-def _run(args, env, **kw):
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kw,
-    )
+_run = run_script
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    e["DSV3_CACHE"] = str(tmp_path_factory.mktemp("tokens"))
-    return e
-
-
-def train_args(workdir, env, steps=8):
-    return [
-        "train.py",
-        "--config=configs/tiny.py",
-        f"--workdir={workdir}",
-        f"--config.train.steps={steps}",
-        f"--config.data.cache_dir={env['DSV3_CACHE']}",
-    ]
+def env(cli_env):
+    return cli_env
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, env):
-    workdir = tmp_path_factory.mktemp("straight")
-    r = _run(train_args(workdir, env), env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return workdir, r
+def straight_run(tiny_run):
+    return tiny_run
 
 
 def test_train_writes_checkpoints_metrics_and_tensorboard(straight_run):

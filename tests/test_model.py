@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_config import TINY
+from test_moe import np_route
 
 from dsv3_jax import DeepseekV3, ModelConfig
 from dsv3_jax.layers import linear
+from dsv3_jax.model import _run_stack
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +155,41 @@ def test_training_gradients_through_the_pallas_flash_attention():
         grads.append(jax.grad(loss)(params))
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-3)
+
+
+def test_expert_choices_equal_float64_routing_of_each_layers_input(model):
+    """expert_choices against np_route on the MoE inputs, found by running the layers one by one."""
+    cfg = model.config
+    bias = np.random.default_rng(4).normal(size=(cfg.num_moe_layers, 8)) * 0.3
+    saved = model.moe_layers.mlp.gate.e_score_correction_bias[...]
+    model.moe_layers.mlp.gate.e_score_correction_bias[...] = jnp.asarray(bias, jnp.float32)
+    try:
+        _check_expert_choices(model, bias)
+    finally:
+        model.moe_layers.mlp.gate.e_score_correction_bias[...] = saved
+
+
+def _check_expert_choices(model, bias):
+    cfg = model.config
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 11)))
+    got = np.asarray(model.expert_choices(ids))
+    assert got.shape == (cfg.num_moe_layers, 2, 11, 2) and got.dtype == np.int32
+    pos = jnp.broadcast_to(jnp.arange(11), ids.shape)
+    h = model.embed_tokens(ids)
+    h, _, _ = _run_stack(model.dense_layers, h, pos, None, False)
+    graphdef, state = nnx.split(model.moe_layers)
+    load = model.forward(ids).aux["load"]
+    for i in range(cfg.num_moe_layers):
+        layer = nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+        attn, _ = layer.self_attn(layer.input_layernorm(h), pos)
+        u = np.asarray(layer.post_attention_layernorm(h + attn), np.float64).reshape(-1, 32)
+        scores = 1 / (1 + np.exp(-(u @ np.asarray(layer.mlp.gate.kernel[...], np.float64))))
+        want, _ = np_route(scores, bias[i], cfg)
+        np.testing.assert_array_equal(got[i].reshape(-1, 2), want)
+        np.testing.assert_array_equal(np.bincount(got[i].reshape(-1), minlength=8), load[i])
+        h, _, _ = layer(h, pos)
+
+
+def test_expert_choices_rejects_bad_ids(model):
+    with pytest.raises(ValueError, match="input_ids"):
+        model.expert_choices(np.asarray([[0, 64]]))

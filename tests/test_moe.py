@@ -163,6 +163,8 @@ def test_moe_layer_equals_per_token_loop(norm, rsf, shared, impl):
     shared_part, routed_part, idx = _moe_reference(moe, x, cfg)
     np.testing.assert_allclose(np.asarray(out), shared_part + routed_part, atol=1e-5)
     np.testing.assert_allclose(np.asarray(aux["load"]), np.bincount(idx.reshape(-1), minlength=8))
+    assert aux["experts"].dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(aux["experts"]), idx.reshape(2, 5, 3))
     if shared:  # the shared experts' weight is exactly 1: zero them and the routed part remains
         for n in ("gate_proj", "up_proj", "down_proj"):
             getattr(moe.shared_experts, n).kernel[...] *= 0
