@@ -395,6 +395,8 @@ def orbax_to_hf(
     fp8: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    *,
+    _model: DeepseekV3 | None = None,
 ) -> dict:
     """Writes an HF DeepSeek-V3 directory from a converted folder or a training checkpoint.
 
@@ -426,10 +428,15 @@ def orbax_to_hf(
     from dsv3_jax import checkpoint as ckpt_lib  # noqa: PLC0415 (checkpoint imports this module)
 
     limit = parse_size(max_shard_size)
-    src = os.path.abspath(os.fspath(checkpoint_dir))
+    src = None if _model is not None else os.path.abspath(os.fspath(checkpoint_dir))
     out = _Output(output_dir, overwrite)
     try:
-        if is_converted(src):
+        if _model is not None:
+            meta = {"vocab": None}
+            config, has_mtp, stored_block = _model.config, _model.num_mtp > 0, None
+            hf_config = config.to_hf()
+            model_groups = _model_groups(_model)
+        elif is_converted(src):
             meta = _read_meta(src)
             config = ModelConfig.from_dict(meta["model_config"])
             with open(os.path.join(src, "config.json")) as f:
@@ -460,7 +467,11 @@ def orbax_to_hf(
     shards: list[str] = []
     with out:
         ckptr = ocp.StandardCheckpointer()
-        bar = _progress(None, 0, "orbax_to_hf", progress)
+        if model_groups is None:
+            total = sum(_group_bytes(ckptr, os.path.join(src, "model", g[0])) for g in groups)
+        else:
+            total = sum(x.nbytes for g in model_groups.values() for x in g.values())
+        bar = _progress(total, 0, "orbax_to_hf", progress)
         pending: dict[str, np.ndarray] = {}
         pending_bytes = 0
 
@@ -476,8 +487,10 @@ def orbax_to_hf(
         for name, prefix, entries in groups:
             if model_groups is not None:
                 group = model_groups.pop(name)
+                bar.update(sum(x.nbytes for x in group.values()))
             else:
                 group = _restore_group(ckptr, os.path.join(src, "model", name))
+                bar.update(sum(x.nbytes for x in group.values()))
                 if not fp8:
                     group = _dequantize_ours(group, stored_block)
                 group = {k: _stored(k, v, meta["dtype"]) for k, v in group.items()}
@@ -499,7 +512,6 @@ def orbax_to_hf(
                 pending_bytes += x.nbytes
                 written += x.nbytes
                 n_tensors += 1
-                bar.update(x.nbytes)
             bar.set_postfix_str(f"{n_tensors} tensors", refresh=False)
         flush()
         ckptr.close()
@@ -530,6 +542,17 @@ def orbax_to_hf(
         with open(os.path.join(out.tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
     return {"tensors": n_tensors, "bytes": written, "seconds": time.time() - start, "shards": n}
+
+
+def save_hf(model: DeepseekV3, output_dir: str | os.PathLike, **kwargs) -> dict:
+    """Writes a model in memory as an HF directory (see :func:`orbax_to_hf` for kwargs)."""
+    return orbax_to_hf(None, output_dir, _model=model, **kwargs)
+
+
+def _group_bytes(ckptr, path: str) -> int:
+    tree = ckptr.metadata(path).item_metadata.tree
+    leaves = jax.tree.leaves(tree, is_leaf=lambda m: hasattr(m, "shape"))
+    return sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in leaves)
 
 
 def _stored(rel: tuple, x: np.ndarray, dtype: str) -> np.ndarray:
