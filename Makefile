@@ -32,7 +32,7 @@ test: $(VENV)/.installed
 # Regenerate the HF parity goldens (needs torch + transformers; not part of `make test`).
 goldens:
 	$(PYTHON_HF) -m venv .venv-hf
-	.venv-hf/bin/pip install -q torch==2.13.0 transformers==5.24.0 safetensors numpy
+	.venv-hf/bin/pip install -q torch==2.13.0 transformers==5.24.0 safetensors numpy ml_dtypes
 	.venv-hf/bin/python tests/goldens/make_goldens.py
 
 clean:
