@@ -21,6 +21,7 @@ looks complete until it is, and an existing output is replaced only with ``overw
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -40,13 +41,16 @@ from tqdm import tqdm
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.hf_io import (
+    BF16_DTYPE,
     FP8_DTYPE,
     SCALE_SUFFIX,
     CheckpointError,
+    cast,
     dequantize,
     layer_groups,
     open_hf_checkpoint,
     quantize,
+    to_float32,
 )
 from dsv3_jax.model import DeepseekV3
 
@@ -198,7 +202,7 @@ def hf_to_orbax(
     )
     start = time.time()
     with out:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _writer() as ckptr:
             _write_groups(ckptr, ck, groups, out.tmp, keep_fp8, total, len(hf_names), progress)
         shutil.copyfile(os.path.join(ck.path, "config.json"), os.path.join(out.tmp, "config.json"))
         meta = {
@@ -220,6 +224,19 @@ def hf_to_orbax(
     return {"tensors": len(hf_names), "bytes": total, "seconds": seconds, "groups": len(groups)}
 
 
+def _writer() -> ocp.AsyncCheckpointer:
+    """Async orbax writer for numpy trees that neither copies them first (we never modify an array
+    after handing it over) nor compresses them (weights hardly compress; zstd halves throughput).
+    Its checkpoints read back with ``ocp.StandardCheckpointer``."""
+    numpy_handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, numpy_handler),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),  # as the default registry
+    )
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+    return ocp.AsyncCheckpointer(handler)
+
+
 def _write_groups(ckptr, ck, groups, tmp, keep_fp8, total, n_tensors, progress) -> None:
     """Reads each group tensor by tensor and saves it while the next one is read."""
     files = ck.files
@@ -230,12 +247,14 @@ def _write_groups(ckptr, ck, groups, tmp, keep_fp8, total, n_tensors, progress) 
         for rel, (reader, hf) in entries.items():
             model_dtype = ck.flat[model_path(prefix, rel)].dtype
             fp8 = keep_fp8 and all(files.is_fp8(n) for n in hf)
+            # Transposes and stacks run on the bits (numpy copies ml_dtypes types slowly).
             if fp8:
-                flat[rel] = np.ascontiguousarray(reader(files.read_raw))
+                flat[rel] = _unbits(reader(lambda n: _bits(files.read_raw(n))), FP8_DTYPE)
                 scale_rel = (*rel[:-1], rel[-1] + SCALE_SUFFIX)
                 flat[scale_rel] = np.ascontiguousarray(reader(files.read_scale))
-            else:
-                flat[rel] = np.ascontiguousarray(reader(files.read), dtype=model_dtype)
+            else:  # dequantize, cast, transpose and stack in XLA (fused, multi-threaded)
+                get = lambda n, dt=model_dtype: _read_jax(files, n, dt)
+                flat[rel] = np.asarray(reader(get))
             nbytes = sum(files.nbytes_of[n] for n in hf)
             nbytes += sum(files.nbytes_of[n + SCALE_SUFFIX] for n in hf if files.is_fp8(n))
             done += len(hf)
@@ -244,11 +263,41 @@ def _write_groups(ckptr, ck, groups, tmp, keep_fp8, total, n_tensors, progress) 
         if prefix and prefix[0] == "mtp":
             _check_mtp_copies(files, ck.config.num_hidden_layers + prefix[1])
         ckptr.wait_until_finished()  # the previous layer is on disk: at most two in memory
-        ckptr.save(os.path.join(tmp, "model", name), _nest(flat))
+        ckptr.save(os.path.join(tmp, "model", name), args=ocp.args.PyTreeSave(_nest(flat)))
         del flat
     ckptr.wait_until_finished()
     ckptr.close()
     bar.close()
+
+
+@functools.partial(jax.jit, static_argnames=("block", "dtype"))
+def _dequantize_jax(w, scale, block, dtype):
+    """FP8 weight [o, i] x scale [ceil(o/bo), ceil(i/bi)] -> dtype, as hf_io.dequantize (float32
+    product, then one rounding to ``dtype``)."""
+    o, i = w.shape
+    full = jnp.repeat(jnp.repeat(scale, block[0], axis=0)[:o], block[1], axis=1)[:, :i]
+    return (w.astype(jnp.float32) * full).astype(dtype)
+
+
+def _read_jax(files, name: str, dtype) -> jax.Array:
+    """One tensor as a jax (CPU) array of ``dtype``, FP8 weights dequantized."""
+    x = files.read_raw(name)
+    if files.is_fp8(name):
+        return _dequantize_jax(x, files.read_scale(name), files.block, jnp.dtype(dtype))
+    return jnp.asarray(x).astype(dtype)
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    """bfloat16 / float8 arrays viewed as unsigned ints of their width (others unchanged)."""
+    if x.dtype.kind == "V" or x.dtype in (FP8_DTYPE, BF16_DTYPE):
+        return x.view({1: np.uint8, 2: np.uint16}[x.dtype.itemsize])
+    return x
+
+
+def _unbits(x: np.ndarray, dtype) -> np.ndarray:
+    x = np.ascontiguousarray(x)
+    dtype = np.dtype(dtype)
+    return x.view(dtype) if x.dtype.kind == "u" and x.dtype.itemsize == dtype.itemsize else x
 
 
 def _check_mtp_copies(files, layer: int) -> None:
@@ -257,7 +306,7 @@ def _check_mtp_copies(files, layer: int) -> None:
         (f"model.layers.{layer}.embed_tokens.weight", "model.embed_tokens.weight"),
         (f"model.layers.{layer}.shared_head.head.weight", "lm_head.weight"),
     ):
-        if copy in files and not np.array_equal(files.read(copy), files.read(main)):
+        if copy in files and not files.same_values(copy, main):
             log.warning("%s differs from %s; the model uses %s (shared)", copy, main, main)
 
 
@@ -560,7 +609,7 @@ def _stored(rel: tuple, x: np.ndarray, dtype: str) -> np.ndarray:
     correction bias and FP8 scales stay float32."""
     if x.dtype != np.float32 or rel[-1] == "e_score_correction_bias":
         return x
-    return x if rel[-1].endswith(SCALE_SUFFIX) else x.astype(jnp.dtype(dtype))
+    return x if rel[-1].endswith(SCALE_SUFFIX) else cast(x, jnp.dtype(dtype))
 
 
 def _read_back(tmp: str, weight_map: dict, pending: dict, name: str) -> np.ndarray:
@@ -580,6 +629,6 @@ def _to_fp8(tensors: dict[str, np.ndarray], block) -> dict[str, np.ndarray]:
         if name.endswith(SCALE_SUFFIX) or x.dtype == FP8_DTYPE or not _FP8_WEIGHT.search(name):
             out[name] = x
             continue
-        q, s = quantize(x.astype(np.float32), block)
+        q, s = quantize(to_float32(x), block)
         out[name], out[name + SCALE_SUFFIX] = q, s
     return out

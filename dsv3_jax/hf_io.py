@@ -80,6 +80,34 @@ def quant_block_size(hf_config: dict) -> tuple[int, int] | None:
     return int(block[0]), int(block[1])
 
 
+_FP8_TO_F32 = np.arange(256, dtype=np.uint8).view(FP8_DTYPE).astype(np.float32)
+BF16_DTYPE = np.dtype(ml_dtypes.bfloat16)
+
+
+def to_float32(x: np.ndarray) -> np.ndarray:
+    """float8_e4m3fn / bfloat16 / any float -> float32, exactly (fast paths for the first two:
+    a 256-entry table and a 16-bit shift; ml_dtypes' own casts run element by element)."""
+    if x.dtype == FP8_DTYPE:
+        return _FP8_TO_F32[x.view(np.uint8)]
+    if x.dtype == BF16_DTYPE:
+        return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32, copy=False)
+
+
+def cast(x: np.ndarray, dtype) -> np.ndarray:
+    """``x.astype(dtype)`` with a fast float32 -> bfloat16 path (round to nearest even, NaN kept
+    NaN), bit-identical to ml_dtypes' cast."""
+    dtype = np.dtype(dtype)
+    if dtype != BF16_DTYPE or x.dtype == BF16_DTYPE:
+        return x.astype(dtype, copy=False)
+    u = to_float32(x).view(np.uint32)
+    out = ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    if nan.any():
+        out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return out.view(BF16_DTYPE)
+
+
 def scale_grid(shape, block: tuple[int, int]) -> tuple[int, ...]:
     """Scale shape of a weight [..., o, i] in blocks [bo, bi]: [..., ceil(o/bo), ceil(i/bi)]."""
     *lead, o, i = shape
@@ -103,7 +131,9 @@ def dequantize(w: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.n
             f"{block[0]}x{block[1]} blocks (expected {scale_grid(w.shape, block)})"
         )
     bo, bi = block
-    out = w.astype(np.float32)
+    out = to_float32(w)
+    if out is w:
+        out = w.copy()
     cols = out.shape[-1]
     for r in range(scale.shape[-2]):
         row = np.repeat(scale[..., r, :].astype(np.float32), bi, axis=-1)[..., :cols]
@@ -194,6 +224,7 @@ class SafetensorsDir:
                 if self.file_of.get(name) == fname:
                     self.nbytes_of[name] = end - start
         self._handles: dict[str, object] = {}
+        self.max_open = 3
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
@@ -246,12 +277,22 @@ class SafetensorsDir:
                     )
         return out
 
+    def _handle(self, fname: str):
+        if fname in self._handles:
+            self._handles[fname] = self._handles.pop(fname)  # most recently used last
+        else:
+            # Few shards open at a time: safe_open maps the file, and the pages read count in
+            # the process's RSS until the map is closed.
+            while len(self._handles) >= self.max_open:
+                self._handles.pop(next(iter(self._handles)))
+            self._handles[fname] = safe_open(os.path.join(self.path, fname), framework="numpy")
+        return self._handles[fname]
+
     def _raw(self, name: str) -> np.ndarray:
         fname = self.file_of[name]
-        if fname not in self._handles:
-            self._handles[fname] = safe_open(os.path.join(self.path, fname), framework="numpy")
+        handle = self._handle(fname)
         try:
-            return self._handles[fname].get_tensor(name)
+            return handle.get_tensor(name)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(
                 f"cannot read {name} from {os.path.join(self.path, fname)} (truncated or "
@@ -272,6 +313,20 @@ class SafetensorsDir:
     def read_scale(self, name: str) -> np.ndarray:
         """The float32 scale_inv of FP8 weight ``name``."""
         return self._raw(name + SCALE_SUFFIX)
+
+    def same_values(self, a: str, b: str, rows: int = 4096) -> bool:
+        """Whether tensors a and b hold the same bytes, compared ``rows`` rows at a time."""
+        if self.shape_of[a] != self.shape_of[b] or self.dtype_of[a] != self.dtype_of[b]:
+            return False
+        sa = self._handle(self.file_of[a]).get_slice(a)
+        sb = self._handle(self.file_of[b]).get_slice(b)
+        n = self.shape_of[a][0] if self.shape_of[a] else 1
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            x, y = sa[start:stop], sb[start:stop]
+            if _as_bits(x).tobytes() != _as_bits(y).tobytes():
+                return False
+        return True
 
     def close(self) -> None:
         self._handles.clear()
@@ -297,9 +352,34 @@ def _data_offsets(path: str) -> dict[str, tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------- conversion table
-def _stack(xs):
-    """np.stack for arrays read from files; jnp.stack under jax.eval_shape (shape checks)."""
-    return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+def _stack(n: int, piece: Callable[[int], np.ndarray]):
+    """Stacks piece(0..n-1) on a new axis 0 into one preallocated numpy array, one piece at a time
+    (memory: the result plus one piece); jnp.stack under jax.eval_shape (shape checks only).
+
+    Raises:
+      ValueError: pieces of different shapes.
+    """
+    first = piece(0)
+    if isinstance(first, jax.core.Tracer):
+        return jnp.stack([first, *(piece(j) for j in range(1, n))])
+    first = np.asarray(first)
+    out = np.empty((n, *first.shape), first.dtype)
+    bits = _as_bits(out)
+    bits[0] = _as_bits(first)
+    del first
+    for j in range(1, n):
+        x = np.asarray(piece(j))
+        if x.shape != out.shape[1:]:
+            raise ValueError(f"cannot stack shapes {out.shape[1:]} and {x.shape}")
+        bits[j] = _as_bits(x)
+    return out
+
+
+def _as_bits(x: np.ndarray) -> np.ndarray:
+    """ml_dtypes arrays (bfloat16, float8) as unsigned ints: numpy copies those types slowly."""
+    if x.dtype.kind == "V":
+        return x.view({1: np.uint8, 2: np.uint16}[x.dtype.itemsize])
+    return x
 
 
 def _t(name: str) -> Reader:
@@ -348,7 +428,10 @@ def _layer_table(prefix: str, config: ModelConfig, moe: bool, fused: bool) -> di
     else:
         for n in ("gate_proj", "up_proj", "down_proj"):
             names = [f"{p}mlp.experts.{i}.{n}.weight" for i in range(e)]
-            ours[f"mlp.{n}"] = (lambda get, names=names: _stack([get(x).T for x in names]), names)
+            ours[f"mlp.{n}"] = (
+                lambda get, names=names: _stack(len(names), lambda j: get(names[j]).T),
+                names,
+            )
     return ours
 
 
@@ -419,7 +502,10 @@ def conversion_table(config: ModelConfig, names: set[str], with_mtp: bool) -> di
     for path, entries in stacks.items():
         readers = [r for r, _ in entries]
         hf = [n for _, names_ in entries for n in names_]
-        table[path] = (lambda get, readers=readers: _stack([r(get) for r in readers]), hf)
+        table[path] = (
+            lambda get, readers=readers: _stack(len(readers), lambda j: readers[j](get)),
+            hf,
+        )
     return table
 
 
