@@ -14,7 +14,9 @@ from dsv3_jax import checkpoint, data, sampling
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (its latest checkpoint).")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A checkpoints folder (instead of --workdir)."
+    "checkpoint",
+    None,
+    "A checkpoints folder or a convert.py hf_to_orbax folder (instead of --workdir).",
 )
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _PROMPT = flags.DEFINE_string("prompt", "ROMEO:", "Prompt text (a BOS is prepended).")

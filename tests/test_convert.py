@@ -357,3 +357,48 @@ def test_parse_size():
     assert convert_hf.parse_size(1234) == 1234
     with pytest.raises(ValueError, match="5 gigs"):
         convert_hf.parse_size("5 gigs")
+
+
+def test_failure_mid_conversion_leaves_nothing(fp8_dir, tmp_path, monkeypatch):
+    from dsv3_jax.hf_io import SafetensorsDir
+
+    real = SafetensorsDir.read_raw
+
+    def flaky(self, name):
+        if name.startswith("model.layers.2."):
+            raise OSError(f"disk error reading {name}")
+        return real(self, name)
+
+    monkeypatch.setattr(SafetensorsDir, "read_raw", flaky)
+    with pytest.raises(OSError, match="model.layers.2."):
+        convert_hf.hf_to_orbax(fp8_dir, tmp_path / "out", progress=False)
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_orbax_to_hf_without_a_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        convert_hf.orbax_to_hf(tmp_path / "empty", tmp_path / "out", progress=False)
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_fused_expert_names_convert(tmp_path):
+    src = GOLDENS / "b_qproj_vdim_dense2_nonorm"
+    t = _tensors(src)
+    p = "model.layers.2.mlp.experts."
+    n = 4
+    gate = [t.pop(f"{p}{e}.gate_proj.weight") for e in range(n)]
+    up = [t.pop(f"{p}{e}.up_proj.weight") for e in range(n)]
+    t[p + "gate_up_proj"] = np.stack(
+        [np.concatenate([g, u]) for g, u in zip(gate, up, strict=True)]
+    )
+    t[p + "down_proj"] = np.stack([t.pop(f"{p}{e}.down_proj.weight") for e in range(n)])
+    (tmp_path / "hf").mkdir()
+    save_file(t, tmp_path / "hf" / "model.safetensors")
+    (tmp_path / "hf" / "config.json").write_bytes((src / "config.json").read_bytes())
+    convert_hf.hf_to_orbax(tmp_path / "hf", tmp_path / "o", dtype="float32", progress=False)
+    model, _ = dsv3_jax.load_checkpoint(tmp_path / "o")
+    g = np.load(src / "golden.npz")
+    np.testing.assert_allclose(
+        np.asarray(model(g["input_ids"])), g["logits"], atol=tol("float32"), rtol=0
+    )
