@@ -139,13 +139,13 @@ def build(path: pathlib.Path, layers: int) -> dict:
         elif s <= n_layers:
             i = s - 1
             weights, carry = _layer(rng, c, i, mtp=i >= layers)
-            if i >= layers:  # the MTP module's copies of the embedding and head
-                weights[f"model.layers.{i}.embed_tokens.weight"] = embed
-                weights[f"model.layers.{i}.shared_head.head.weight"] = head
-            tensors.update(weights)
             layer_bytes[i] = sum(x.nbytes for x in weights.values()) + sum(
                 x.nbytes for x in carry.values()
             )
+            if i >= layers:  # the MTP module's copies of the embedding and head (not converted)
+                weights[f"model.layers.{i}.embed_tokens.weight"] = embed
+                weights[f"model.layers.{i}.shared_head.head.weight"] = head
+            tensors.update(weights)
         else:
             tensors["lm_head.weight"] = head
             tensors["model.norm.weight"] = np.ones(d, ml_dtypes.bfloat16)
@@ -208,10 +208,7 @@ def main() -> None:
         f"raw read       {nbytes / 1e9:6.2f} GB in {secs:6.1f} s = {nbytes / 1e9 / secs:6.2f} GB/s"
     )
     largest = max(layer_bytes.values())
-    n_fp8 = largest  # FP8 layer: 1 byte per weight (+ scales); bf16 output: 2 bytes per FP8 weight
-    print(
-        f"largest layer  {n_fp8 / 1e9:6.2f} GB in the files (FP8), ~{2 * n_fp8 / 1e9:.2f} GB as bf16"
-    )
+    print(f"largest layer  {largest / 1e9:6.2f} GB in the files (FP8 + scales)")
     for mode in ("bfloat16", "keep_fp8"):
         out = root / f"orbax_{mode}"
         r = subprocess.run(
@@ -227,6 +224,15 @@ def main() -> None:
             f"{res['bytes'] / 1e9 / res['seconds']:6.2f} GB/s | peak RSS {res['peak_rss'] / 1e9:5.2f} GB "
             f"(after imports {res['base_rss'] / 1e9:4.2f} GB; peak - that = "
             f"{(res['peak_rss'] - res['base_rss']) / 1e9:4.2f} GB) | output {stored / 1e9:.2f} GB"
+        )
+        layer = max(
+            sum(f.stat().st_size for f in g.rglob("*") if f.is_file())
+            for g in (out / "model").iterdir()
+        )
+        extra = res["peak_rss"] - res["base_rss"]
+        print(
+            f"    largest stored layer {layer / 1e9:.2f} GB; peak RSS - RSS after imports = "
+            f"{extra / layer:.2f} x that layer"
         )
         shutil.rmtree(out)
     if not args.keep:

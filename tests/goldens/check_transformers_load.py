@@ -25,8 +25,10 @@ def main(path: str, golden: str) -> int:
         ids = torch.from_numpy(g["input_ids"]).long()
         logits = model.eval()(input_ids=ids, use_cache=False).logits.float().numpy()
     diff = float(np.abs(logits - g["logits"]).max())
-    print(f"{path}: max |logits - golden| = {diff:.3g}; missing {info['missing_keys']}; "
-          f"unexpected {len(info['unexpected_keys'])} (MTP layers, which transformers ignores)")
+    print(
+        f"{path}: max |logits - golden| = {diff:.3g}; missing {info['missing_keys']}; "
+        f"unexpected {len(info['unexpected_keys'])} (MTP layers, which transformers ignores)"
+    )
     return 0 if diff == 0.0 and not info["missing_keys"] else 1
 
 
