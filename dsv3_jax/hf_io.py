@@ -223,8 +223,6 @@ class SafetensorsDir:
             for name, (start, end) in _data_offsets(full).items():
                 if self.file_of.get(name) == fname:
                     self.nbytes_of[name] = end - start
-        self._handles: dict[str, object] = {}
-        self.max_open = 3
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
@@ -277,22 +275,13 @@ class SafetensorsDir:
                     )
         return out
 
-    def _handle(self, fname: str):
-        if fname in self._handles:
-            self._handles[fname] = self._handles.pop(fname)  # most recently used last
-        else:
-            # Few shards open at a time: safe_open maps the file, and the pages read count in
-            # the process's RSS until the map is closed.
-            while len(self._handles) >= self.max_open:
-                self._handles.pop(next(iter(self._handles)))
-            self._handles[fname] = safe_open(os.path.join(self.path, fname), framework="numpy")
-        return self._handles[fname]
-
     def _raw(self, name: str) -> np.ndarray:
+        # Opened per read: safe_open maps the whole file, and every page read through the map
+        # counts in the process's RSS until the map closes (whole shards, several per layer).
         fname = self.file_of[name]
-        handle = self._handle(fname)
         try:
-            return handle.get_tensor(name)
+            with safe_open(os.path.join(self.path, fname), framework="numpy") as f:
+                return f.get_tensor(name)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(
                 f"cannot read {name} from {os.path.join(self.path, fname)} (truncated or "
@@ -318,18 +307,20 @@ class SafetensorsDir:
         """Whether tensors a and b hold the same bytes, compared ``rows`` rows at a time."""
         if self.shape_of[a] != self.shape_of[b] or self.dtype_of[a] != self.dtype_of[b]:
             return False
-        sa = self._handle(self.file_of[a]).get_slice(a)
-        sb = self._handle(self.file_of[b]).get_slice(b)
         n = self.shape_of[a][0] if self.shape_of[a] else 1
-        for start in range(0, n, rows):
-            stop = min(start + rows, n)
-            x, y = sa[start:stop], sb[start:stop]
-            if _as_bits(x).tobytes() != _as_bits(y).tobytes():
-                return False
+        with (
+            safe_open(os.path.join(self.path, self.file_of[a]), framework="numpy") as fa,
+            safe_open(os.path.join(self.path, self.file_of[b]), framework="numpy") as fb,
+        ):
+            sa, sb = fa.get_slice(a), fb.get_slice(b)
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                if _as_bits(sa[start:stop]).tobytes() != _as_bits(sb[start:stop]).tobytes():
+                    return False
         return True
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads (kept for callers that close)."""
 
 
 def _data_offsets(path: str) -> dict[str, tuple[int, int]]:
