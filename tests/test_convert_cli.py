@@ -117,6 +117,9 @@ def test_train_fine_tunes_from_converted_checkpoint(converted, env, tmp_path):
         (tuned.mtp[0].eh_proj.kernel, base.mtp[0].eh_proj.kernel),
     ):
         np.testing.assert_allclose(np.asarray(got[...]), np.asarray(want[...]), atol=1e-6)
+    half, _ = dsv3_jax.load_checkpoint(workdir, dtype=jnp.bfloat16)  # a training checkpoint too
+    assert half.embed_tokens.embedding[...].dtype == jnp.bfloat16
+    assert half.moe_layers.mlp.gate.kernel[...].dtype == jnp.float32
 
 
 def test_train_init_from_rejects_compact_vocab(converted, env, tmp_path):
