@@ -19,7 +19,9 @@ from dsv3_jax.model import with_implementation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (its latest checkpoint).")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A checkpoints folder or converted checkpoint (instead of --workdir)."
+    "checkpoint",
+    None,
+    "A checkpoints folder or a convert.py hf_to_orbax folder (instead of --workdir).",
 )
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _PROMPT = flags.DEFINE_multi_string(

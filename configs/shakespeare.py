@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
             remat=False,
         )
     )
+    # Fine-tune from a checkpoint (convert.py hf_to_orbax output, a training run, an HF folder);
+    # its architecture replaces c.model's (dtype, param_dtype, remat, moe_impl still apply).
+    c.init_from = ml_collections.config_dict.placeholder(str)
     c.data = ml_collections.ConfigDict(
         dict(cache_dir=".cache/tokens", compact_vocab=True, seq_len=128, eval_batch_size=64)
     )

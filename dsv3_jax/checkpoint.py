@@ -13,6 +13,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -67,15 +68,18 @@ def restore_meta(manager, step: int) -> dict:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, step: int | None = None, **config_overrides
+    path: str | os.PathLike, step: int | None = None, dtype=None, **config_overrides
 ) -> tuple[DeepseekV3, dict]:
-    """Loads a model from a training checkpoint.
+    """Loads a model from a training checkpoint or a ``convert.py hf_to_orbax`` folder.
 
     Args:
-      path: a workdir (its ``checkpoints/`` is used), a ``checkpoints`` folder, or one step folder
-        ``checkpoints/<step>``.
-      step: the step to load (default: the latest, or the step folder's).
-      config_overrides: ModelConfig implementation fields (e.g. ``dtype="float32"``).
+      path: a workdir (its ``checkpoints/`` is used), a ``checkpoints`` folder, one step folder
+        ``checkpoints/<step>``, or a converted HF checkpoint (``convert.py hf_to_orbax`` output).
+      step: the step to load (default: the latest, or the step folder's; a converted folder is
+        step 0).
+      dtype: parameter and computation dtype (e.g. ``jnp.float32``; default: as saved). The router
+        and the correction bias stay float32; FP8 weights kept by ``--keep_fp8`` are dequantized.
+      config_overrides: ModelConfig implementation fields (e.g. ``remat=True``).
 
     Returns:
       (model, meta) where meta holds ``model_config``, ``vocab`` (original ids or None), ``step``.
@@ -83,6 +87,17 @@ def load_checkpoint(
     Raises:
       FileNotFoundError: no checkpoint there, or not of that step (the kept steps are listed).
     """
+    from dsv3_jax import convert_hf  # noqa: PLC0415 (convert_hf imports this module lazily too)
+
+    if convert_hf.is_converted(path):
+        if step not in (None, 0):
+            raise ValueError(
+                f"{path} is a converted HF checkpoint (step 0), step={step} was asked for"
+            )
+        return convert_hf.load_converted(path, dtype, **config_overrides)
+    if dtype is not None:
+        name = jnp.dtype(dtype).name
+        config_overrides = {"dtype": name, "param_dtype": name, **config_overrides}
     path = os.path.abspath(os.fspath(path))
     if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "model")):
         # A step folder (checkpoints/<step>): load that step.

@@ -1,4 +1,4 @@
-"""Reading HF DeepSeek-V3 safetensors checkpoints into the NNX model.
+"""Reading HF DeepSeek-V3 safetensors checkpoints (float32, bf16 or official FP8) into the NNX model.
 
 The conversion table maps each of our parameters to the checkpoint's tensor names (HF layout,
 PyTorch [out, in] weights) and a transform. Decoder layer i lives in the dense stack
@@ -8,6 +8,11 @@ num_hidden_layers + k - 1 (never a hard-coded 61).
 Routed experts are read from per-expert names (``mlp.experts.{e}.gate_proj.weight``, the
 checkpoint layout) or, if present, HF's fused ``mlp.experts.gate_up_proj`` [e, 2f, d] and
 ``mlp.experts.down_proj`` [e, d, f].
+
+FP8 (official DeepSeek-V3 ``quantization_config``: quant_method fp8, fmt e4m3, weight_block_size
+[128, 128]): a float8_e4m3fn weight W [o, i] comes with a float32 ``<name>_scale_inv`` S of shape
+[ceil(o/128), ceil(i/128)] (ceil-div: partial edge blocks exist), in whatever shard the index names;
+the weight is W * S[r // 128, c // 128] (README_WEIGHTS.md of deepseek-ai/DeepSeek-V3).
 """
 
 from __future__ import annotations
@@ -20,27 +25,163 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepseekV3
 
 log = logging.getLogger("dsv3_jax")
 
-Reader = Callable[[Callable[[str], jax.Array]], jax.Array]
+Reader = Callable[[Callable[[str], np.ndarray]], np.ndarray]
+SCALE_SUFFIX = "_scale_inv"
+FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
+# safetensors (0.8) looks the F8_E4M3 dtype up on numpy, which only ml_dtypes defines.
+if not hasattr(np, "float8_e4m3fn"):
+    np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: every missing, unexpected or mis-shaped tensor."""
 
 
+# ----------------------------------------------------------------------------- FP8 blocks
+def quant_block_size(hf_config: dict) -> tuple[int, int] | None:
+    """The weight block [rows, cols] of an FP8 ``quantization_config`` (None: not quantized).
+
+    Raises:
+      CheckpointError: a quant method other than fp8, a format other than e4m3, or a block size
+        that is not two positive ints.
+    """
+    q = hf_config.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise CheckpointError(
+            f"unsupported quantization_config.quant_method {method!r} (only 'fp8', the official "
+            "DeepSeek-V3 block FP8, is supported)"
+        )
+    fmt = q.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise CheckpointError(f"unsupported quantization_config.fmt {fmt!r} (only 'e4m3')")
+    block = q.get("weight_block_size", [128, 128])
+    if (
+        not isinstance(block, (list, tuple))
+        or len(block) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise CheckpointError(
+            f"unsupported quantization_config.weight_block_size {block!r} (two positive ints, "
+            "e.g. [128, 128])"
+        )
+    return int(block[0]), int(block[1])
+
+
+_FP8_TO_F32 = np.arange(256, dtype=np.uint8).view(FP8_DTYPE).astype(np.float32)
+BF16_DTYPE = np.dtype(ml_dtypes.bfloat16)
+
+
+def to_float32(x: np.ndarray) -> np.ndarray:
+    """float8_e4m3fn / bfloat16 / any float -> float32, exactly (fast paths for the first two:
+    a 256-entry table and a 16-bit shift; ml_dtypes' own casts run element by element)."""
+    if x.dtype == FP8_DTYPE:
+        return _FP8_TO_F32[x.view(np.uint8)]
+    if x.dtype == BF16_DTYPE:
+        return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32, copy=False)
+
+
+def cast(x: np.ndarray, dtype) -> np.ndarray:
+    """``x.astype(dtype)`` with a fast float32 -> bfloat16 path (round to nearest even, NaN kept
+    NaN), bit-identical to ml_dtypes' cast."""
+    dtype = np.dtype(dtype)
+    if dtype != BF16_DTYPE or x.dtype == BF16_DTYPE:
+        return x.astype(dtype, copy=False)
+    u = to_float32(x).view(np.uint32)
+    out = ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    if nan.any():
+        out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return out.view(BF16_DTYPE)
+
+
+def scale_grid(shape, block: tuple[int, int]) -> tuple[int, ...]:
+    """Scale shape of a weight [..., o, i] in blocks [bo, bi]: [..., ceil(o/bo), ceil(i/bi)]."""
+    *lead, o, i = shape
+    return (*lead, -(-o // block[0]), -(-i // block[1]))
+
+
+def dequantize(w: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """FP8 block dequantisation: out[..., r, c] = w[..., r, c] * scale[..., r // bo, c // bi].
+
+    Args:
+      w: float8_e4m3fn (or any float) [..., o, i]. scale: float32 [..., ceil(o/bo), ceil(i/bi)].
+      block: (bo, bi), 128 x 128 in the official checkpoint; edge blocks may be partial.
+    Returns:
+      float32 [..., o, i], computed one block row at a time (memory: the output and one row).
+    Raises:
+      CheckpointError: the scale's shape is not the ceil-div grid of the weight's.
+    """
+    if tuple(scale.shape) != scale_grid(w.shape, block):
+        raise CheckpointError(
+            f"FP8 scale shape {tuple(scale.shape)} does not fit weight shape {tuple(w.shape)} in "
+            f"{block[0]}x{block[1]} blocks (expected {scale_grid(w.shape, block)})"
+        )
+    bo, bi = block
+    out = to_float32(w)
+    if out is w:
+        out = w.copy()
+    cols = out.shape[-1]
+    for r in range(scale.shape[-2]):
+        row = np.repeat(scale[..., r, :].astype(np.float32), bi, axis=-1)[..., :cols]
+        out[..., r * bo : (r + 1) * bo, :] *= row[..., None, :]
+    return out
+
+
+def quantize(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Block FP8 quantisation (V3 report 3.3.1): scale_inv = amax / 448 per block; clipped cast.
+
+    Args:
+      w: float [..., o, i]. block: (bo, bi).
+    Returns:
+      (float8_e4m3fn [..., o, i], float32 scale_inv [..., ceil(o/bo), ceil(i/bi)]) with
+      dequantize(q, s) close to w (relative error per element <= 2^-4).
+    """
+    bo, bi = block
+    *lead, o, i = w.shape
+    go, gi = -(-o // bo), -(-i // bi)
+    padded = np.zeros((*lead, go * bo, gi * bi), np.float32)
+    padded[..., :o, :i] = w
+    blocks = padded.reshape(*lead, go, bo, gi, bi)
+    amax = np.abs(blocks).max(axis=(-3, -1))  # [..., go, gi]
+    scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
+    q = np.clip(blocks / scale[..., :, None, :, None], -448.0, 448.0)
+    q = q.reshape(*lead, go * bo, gi * bi)[..., :o, :i].astype(FP8_DTYPE)
+    return q, scale
+
+
 # ----------------------------------------------------------------------------- safetensors files
 class SafetensorsDir:
-    """Name -> file index over an HF directory: one ``*.safetensors`` or an index with shards."""
+    """Name -> file index over an HF directory: one ``*.safetensors`` or an index with shards.
 
-    def __init__(self, path: str | os.PathLike):
+    Reads tensor by tensor (``safe_open`` maps the file; nothing else stays in memory). FP8
+    weights are paired with their ``*_scale_inv`` wherever the index puts it.
+
+    Args:
+      path: the directory.
+      block: the FP8 weight block (rows, cols), or None for an unquantized checkpoint.
+
+    Raises:
+      FileNotFoundError: no safetensors file, or a shard named by the index missing.
+      CheckpointError: a truncated or corrupt safetensors file (named).
+    """
+
+    def __init__(self, path: str | os.PathLike, block: tuple[int, int] | None = None):
         self.path = os.fspath(path)
+        self.block = block
         index = os.path.join(self.path, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
@@ -62,29 +203,176 @@ class SafetensorsDir:
         )
         self.file_of: dict[str, str] = {}
         self.shape_of: dict[str, tuple[int, ...]] = {}
+        self.dtype_of: dict[str, str] = {}  # safetensors dtype names: F32, BF16, F8_E4M3, ...
+        self.nbytes_of: dict[str, int] = {}
         for fname in files + extra:
-            with safe_open(os.path.join(self.path, fname), framework="numpy") as f:
-                for name in f.keys():
-                    if weight_map and fname in files and weight_map.get(name, fname) != fname:
-                        continue
-                    self.file_of[name] = fname
-                    self.shape_of[name] = tuple(f.get_slice(name).get_shape())
-        self._handles: dict[str, object] = {}
+            full = os.path.join(self.path, fname)
+            try:
+                with safe_open(full, framework="numpy") as f:
+                    for name in f.keys():
+                        if weight_map and fname in files and weight_map.get(name, fname) != fname:
+                            continue
+                        sl = f.get_slice(name)
+                        self.file_of[name] = fname
+                        self.shape_of[name] = tuple(sl.get_shape())
+                        self.dtype_of[name] = sl.get_dtype()
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(
+                    f"{full} is not a readable safetensors file (truncated or corrupt?): {err}"
+                ) from err
+            for name, (start, end) in _data_offsets(full).items():
+                if self.file_of.get(name) == fname:
+                    self.nbytes_of[name] = end - start
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 
     def names(self) -> set[str]:
+        """Every tensor name, scales included."""
         return set(self.file_of)
 
-    def read(self, name: str) -> jax.Array:
+    def is_fp8(self, name: str) -> bool:
+        return self.dtype_of.get(name, "").startswith("F8")
+
+    def fp8_problems(self, ignore: tuple[str, ...] = ()) -> list[str]:
+        """FP8 weights without a scale, scales without a weight, grids that do not fit.
+
+        Tensors whose names start with one of ``ignore`` (e.g. dropped MTP layers) are skipped.
+        """
+        out = []
+        names = {n for n in self.names() if not (ignore and n.startswith(ignore))}
+        fp8 = sorted(n for n in names if self.is_fp8(n))
+        if fp8 and self.block is None:
+            out.append(
+                f"FP8 tensors ({len(fp8)}, e.g. {fp8[0]}) but config.json has no "
+                "quantization_config"
+            )
+        bad_fmt = sorted(n for n in fp8 if self.dtype_of[n] != "F8_E4M3")
+        if bad_fmt:
+            out.append(
+                f"FP8 tensors not in e4m3 format: {[(n, self.dtype_of[n]) for n in bad_fmt]}"
+            )
+        no_scale = [n for n in fp8 if n + SCALE_SUFFIX not in names]
+        if no_scale:
+            out.append(f"FP8 tensors without a {SCALE_SUFFIX} ({len(no_scale)}): {no_scale}")
+        scales = sorted(n for n in names if n.endswith(SCALE_SUFFIX))
+        orphans = [s for s in scales if s[: -len(SCALE_SUFFIX)] not in names]
+        if orphans:
+            out.append(f"scales without their tensor ({len(orphans)}): {orphans}")
+        not_fp8 = [
+            s for s in scales if s not in orphans and not self.is_fp8(s[: -len(SCALE_SUFFIX)])
+        ]
+        if not_fp8:
+            out.append(f"scales of tensors that are not FP8 ({len(not_fp8)}): {not_fp8}")
+        if self.block is not None:
+            for n in fp8:
+                s = n + SCALE_SUFFIX
+                if s in names and self.shape_of[s] != scale_grid(self.shape_of[n], self.block):
+                    out.append(
+                        f"scale shape mismatch for {s}: file has {self.shape_of[s]}, weight "
+                        f"{n} {self.shape_of[n]} in {self.block[0]}x{self.block[1]} blocks needs "
+                        f"{scale_grid(self.shape_of[n], self.block)}"
+                    )
+        return out
+
+    def _raw(self, name: str) -> np.ndarray:
+        # Opened per read: safe_open maps the whole file, and every page read through the map
+        # counts in the process's RSS until the map closes (whole shards, several per layer).
         fname = self.file_of[name]
-        if fname not in self._handles:
-            self._handles[fname] = safe_open(os.path.join(self.path, fname), framework="flax")
-        return self._handles[fname].get_tensor(name)
+        try:
+            with safe_open(os.path.join(self.path, fname), framework="numpy") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f"cannot read {name} from {os.path.join(self.path, fname)} (truncated or "
+                f"corrupt?): {err}"
+            ) from err
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as stored, FP8 weights dequantized to float32 with their scale."""
+        x = self._raw(name)
+        if self.is_fp8(name):
+            return dequantize(x, self._raw(name + SCALE_SUFFIX), self.block)
+        return x
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """The tensor exactly as stored (FP8 stays float8_e4m3fn)."""
+        return self._raw(name)
+
+    def read_scale(self, name: str) -> np.ndarray:
+        """The float32 scale_inv of FP8 weight ``name``."""
+        return self._raw(name + SCALE_SUFFIX)
+
+    def same_values(self, a: str, b: str, rows: int = 4096) -> bool:
+        """Whether tensors a and b hold the same bytes, compared ``rows`` rows at a time."""
+        if self.shape_of[a] != self.shape_of[b] or self.dtype_of[a] != self.dtype_of[b]:
+            return False
+        n = self.shape_of[a][0] if self.shape_of[a] else 1
+        with (
+            safe_open(os.path.join(self.path, self.file_of[a]), framework="numpy") as fa,
+            safe_open(os.path.join(self.path, self.file_of[b]), framework="numpy") as fb,
+        ):
+            sa, sb = fa.get_slice(a), fb.get_slice(b)
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                if _as_bits(sa[start:stop]).tobytes() != _as_bits(sb[start:stop]).tobytes():
+                    return False
+        return True
+
+    def close(self) -> None:
+        """Nothing stays open between reads (kept for callers that close)."""
+
+
+def _data_offsets(path: str) -> dict[str, tuple[int, int]]:
+    """Byte ranges of each tensor from the safetensors header; checks the file holds them all.
+
+    Raises:
+      CheckpointError: the file is shorter than its header says (truncated).
+    """
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    size = os.path.getsize(path)
+    out = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+    end = 8 + n + max((e for _, e in out.values()), default=0)
+    if size < end:
+        raise CheckpointError(
+            f"{path} is truncated: {size} bytes, its header describes {end} bytes of tensors"
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------- conversion table
+def _stack(n: int, piece: Callable[[int], np.ndarray]):
+    """Stacks piece(0..n-1) on a new axis 0 into one preallocated numpy array, one piece at a time
+    (memory: the result plus one piece); jnp.stack under jax.eval_shape (shape checks only).
+
+    Raises:
+      ValueError: pieces of different shapes.
+    """
+    first = piece(0)
+    if isinstance(first, jax.core.Tracer):
+        return jnp.stack([first, *(piece(j) for j in range(1, n))])
+    first = np.asarray(first)
+    out = np.empty((n, *first.shape), first.dtype)
+    bits = _as_bits(out)
+    bits[0] = _as_bits(first)
+    del first
+    for j in range(1, n):
+        x = np.asarray(piece(j))
+        if x.shape != out.shape[1:]:
+            raise ValueError(f"cannot stack shapes {out.shape[1:]} and {x.shape}")
+        bits[j] = _as_bits(x)
+    return out
+
+
+def _as_bits(x: np.ndarray) -> np.ndarray:
+    """ml_dtypes arrays (bfloat16, float8) as unsigned ints: numpy copies those types slowly."""
+    if x.dtype.kind == "V":
+        return x.view({1: np.uint8, 2: np.uint16}[x.dtype.itemsize])
+    return x
+
+
 def _t(name: str) -> Reader:
     return lambda get: get(name).T
 
@@ -117,7 +405,7 @@ def _layer_table(prefix: str, config: ModelConfig, moe: bool, fused: bool) -> di
         return ours
     ours["mlp.gate.kernel"] = (_t(f"{p}mlp.gate.weight"), [f"{p}mlp.gate.weight"])
     bias = f"{p}mlp.gate.e_score_correction_bias"
-    ours["mlp.gate.e_score_correction_bias"] = (lambda get: get(bias).astype(jnp.float32), [bias])
+    ours["mlp.gate.e_score_correction_bias"] = (lambda get: get(bias).astype(np.float32), [bias])
     if config.n_shared_experts:
         for n in ("gate_proj", "up_proj", "down_proj"):
             name = f"{p}mlp.shared_experts.{n}.weight"
@@ -132,16 +420,27 @@ def _layer_table(prefix: str, config: ModelConfig, moe: bool, fused: bool) -> di
         for n in ("gate_proj", "up_proj", "down_proj"):
             names = [f"{p}mlp.experts.{i}.{n}.weight" for i in range(e)]
             ours[f"mlp.{n}"] = (
-                lambda get, names=names: jnp.stack([get(x).T for x in names]),
+                lambda get, names=names: _stack(len(names), lambda j: get(names[j]).T),
                 names,
             )
     return ours
 
 
-def conversion_table(config: ModelConfig, names: set[str], with_mtp: bool) -> dict[tuple, tuple]:
-    """Our flat state path -> (reader, list of HF tensor names it reads)."""
+def layer_groups(
+    config: ModelConfig, names: set[str], with_mtp: bool
+) -> list[tuple[str, tuple, dict[tuple, tuple]]]:
+    """The checkpoint as groups read and written one at a time: a decoder layer, an MTP module,
+    or the head group (embedding, final norm, lm_head).
+
+    Returns:
+      [(group name, model prefix, {path in group: (reader, HF names)})] in file order. Group names
+      are ``head``, ``layer_{i:03d}`` (HF layer index i, MTP modules included at
+      num_hidden_layers + k - 1). The model prefix says where the group sits in the model state:
+      () for head, ("dense_layers", j) / ("moe_layers", j) for decoder layers (j: index in the
+      stack), ("mtp", k) for MTP modules (paths in the group start with "block" for its layer).
+    """
     fused = any(n.endswith("mlp.experts.gate_up_proj") for n in names)
-    table: dict[tuple, tuple] = {
+    head = {
         ("embed_tokens", "embedding"): (
             _same("model.embed_tokens.weight"),
             ["model.embed_tokens.weight"],
@@ -149,36 +448,55 @@ def conversion_table(config: ModelConfig, names: set[str], with_mtp: bool) -> di
         ("norm", "weight"): (_same("model.norm.weight"), ["model.norm.weight"]),
         ("lm_head", "kernel"): (_t("lm_head.weight"), ["lm_head.weight"]),
     }
+    groups = [("head", (), head)]
     k_dense = config.first_k_dense_replace
-    for group, layers, moe in (
-        ("dense_layers", range(k_dense), False),
-        ("moe_layers", range(k_dense, config.num_hidden_layers), True),
-    ):
-        if not len(layers):
-            continue
-        per_layer = [_layer_table(f"model.layers.{i}.", config, moe, fused) for i in layers]
-        for rel in per_layer[0]:
-            readers = [t[rel][0] for t in per_layer]
-            hf = [n for t in per_layer for n in t[rel][1]]
-            table[(group, *rel.split("."))] = (
-                lambda get, readers=readers: jnp.stack([r(get) for r in readers]),
-                hf,
-            )
+    for i in range(config.num_hidden_layers):
+        moe = i >= k_dense
+        prefix = ("moe_layers", i - k_dense) if moe else ("dense_layers", i)
+        entries = _layer_table(f"model.layers.{i}.", config, moe, fused)
+        groups.append(
+            (f"layer_{i:03d}", prefix, {tuple(k.split(".")): v for k, v in entries.items()})
+        )
     if with_mtp:
         for k in range(config.num_nextn_predict_layers):
-            p = f"model.layers.{config.num_hidden_layers + k}."
-            for rel, entry in _layer_table(p, config, True, fused).items():
-                table[("mtp", k, "block", *rel.split("."))] = entry
+            i = config.num_hidden_layers + k
+            p = f"model.layers.{i}."
+            entries = {
+                ("block", *rel.split(".")): e
+                for rel, e in _layer_table(p, config, True, fused).items()
+            }
             for ours, hf in (
                 ("enorm.weight", "enorm.weight"),
                 ("hnorm.weight", "hnorm.weight"),
                 ("shared_head_norm.weight", "shared_head.norm.weight"),
             ):
-                table[("mtp", k, *ours.split("."))] = (_same(p + hf), [p + hf])
-            table[("mtp", k, "eh_proj", "kernel")] = (
-                _t(p + "eh_proj.weight"),
-                [p + "eh_proj.weight"],
-            )
+                entries[tuple(ours.split("."))] = (_same(p + hf), [p + hf])
+            entries[("eh_proj", "kernel")] = (_t(p + "eh_proj.weight"), [p + "eh_proj.weight"])
+            groups.append((f"layer_{i:03d}", ("mtp", k), entries))
+    return groups
+
+
+def conversion_table(config: ModelConfig, names: set[str], with_mtp: bool) -> dict[tuple, tuple]:
+    """Our flat model state path -> (reader, list of HF tensor names it reads).
+
+    Built from :func:`layer_groups`: the layers of each stack are read and stacked on axis 0.
+    """
+    table: dict[tuple, tuple] = {}
+    stacks: dict[tuple, list] = {}
+    for _, prefix, entries in layer_groups(config, names, with_mtp):
+        if prefix and prefix[0] in ("dense_layers", "moe_layers"):
+            for rel, entry in entries.items():
+                stacks.setdefault((prefix[0], *rel), []).append(entry)
+        else:
+            for rel, entry in entries.items():
+                table[(*prefix, *rel)] = entry
+    for path, entries in stacks.items():
+        readers = [r for r, _ in entries]
+        hf = [n for _, names_ in entries for n in names_]
+        table[path] = (
+            lambda get, readers=readers: _stack(len(readers), lambda j: readers[j](get)),
+            hf,
+        )
     return table
 
 
@@ -192,45 +510,69 @@ def mtp_copies(config: ModelConfig) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- loading
-def load_hf_checkpoint(
-    path: str | os.PathLike, dtype=jnp.float32, **config_overrides
-) -> DeepseekV3:
-    """Loads an HF DeepSeek-V3 directory (config.json + unquantized safetensors) into the model.
+class HFCheckpoint:
+    """An HF directory checked against its config from the safetensors headers (no tensor data).
+
+    Attributes: path, hf_config (config.json dict), config (ModelConfig), files (SafetensorsDir),
+    has_mtp (MTP modules are read), graphdef and flat (the abstract model's flat state).
+    """
+
+    def __init__(self, path, hf_config, config, files, has_mtp, graphdef, flat):
+        self.path, self.hf_config, self.config, self.files = path, hf_config, config, files
+        self.has_mtp, self.graphdef, self.flat = has_mtp, graphdef, flat
+
+    def groups(self):
+        return layer_groups(self.config, self.files.names(), self.has_mtp)
+
+    def table(self):
+        return conversion_table(self.config, self.files.names(), self.has_mtp)
+
+
+def open_hf_checkpoint(
+    path: str | os.PathLike, dtype=jnp.float32, drop_mtp: bool = False, **config_overrides
+) -> HFCheckpoint:
+    """Opens an HF DeepSeek-V3 directory and checks every tensor name, shape and FP8 scale.
 
     Args:
-      path: directory with config.json and ``model.safetensors`` or a
-        ``model.safetensors.index.json`` with shards (HF per-expert or fused expert names).
-      dtype: parameter and computation dtype (the router and correction bias stay float32).
-      config_overrides: ModelConfig implementation fields (e.g. ``remat=True``).
-
-    Returns:
-      DeepseekV3. Without MTP tensors in the files (transformers does not save them) the model has
-      no MTP modules, and a warning says so once.
+      path: directory with config.json (``rope_scaling`` or ``rope_parameters`` form) and
+        ``*.safetensors`` (one file or an index with shards), or its config.json.
+      dtype: the model's parameter and computation dtype.
+      drop_mtp: ignore MTP layers (num_hidden_layers + k) in the files.
+      config_overrides: ModelConfig implementation fields.
 
     Raises:
-      FileNotFoundError: no config.json, no safetensors, or a shard named by the index missing.
-      CheckpointError: every missing, unexpected and mis-shaped tensor, in one message.
+      FileNotFoundError: no directory, no config.json, no safetensors, a shard named by the index
+        missing.
+      CheckpointError: an unsupported quantization_config; a truncated or corrupt file; every
+        missing, unexpected and mis-shaped tensor, every FP8 tensor without a scale and every
+        scale without a tensor, in one message.
     """
+    path = os.fspath(path)
     if os.path.isfile(path) and os.path.basename(path) == "config.json":
         path = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no HF checkpoint directory at {path}")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"no HF config.json at {cfg_path}")
+    with open(cfg_path) as f:
+        hf_config = json.load(f)
+    block = quant_block_size(hf_config)
     dtype_name = jnp.dtype(dtype).name
-    config = ModelConfig.from_hf(path, dtype=dtype_name, param_dtype=dtype_name, **config_overrides)
-    files = SafetensorsDir(path)
+    config = ModelConfig.from_hf(
+        hf_config, dtype=dtype_name, param_dtype=dtype_name, **config_overrides
+    )
+    files = SafetensorsDir(path, block)
     names = {n for n in files.names() if not n.endswith("rotary_emb.inv_freq")}  # old HF buffers
-    scales = sorted(n for n in names if n.endswith("_scale_inv"))
-    if scales:
-        raise CheckpointError(
-            f"{os.fspath(path)} holds FP8-quantized weights ({len(scales)} *_scale_inv tensors, e.g. "
-            f"{scales[0]}); this loader reads unquantized float32/bf16/fp16 checkpoints only"
-        )
-    mtp_prefixes = [
+    scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
+    names -= scales
+    mtp_prefixes = tuple(
         f"model.layers.{config.num_hidden_layers + k}."
         for k in range(config.num_nextn_predict_layers)
-    ]
-    has_mtp = any(n.startswith(tuple(mtp_prefixes)) for n in names) if mtp_prefixes else False
-    if config.num_nextn_predict_layers and not has_mtp:
+    )
+    in_files = bool(mtp_prefixes) and any(n.startswith(mtp_prefixes) for n in names)
+    has_mtp = in_files and not drop_mtp
+    if config.num_nextn_predict_layers and not in_files:
         log.warning(
             "%s: config counts %d MTP layer(s) but the files hold no MTP tensors "
             "(transformers does not save them); loading the main model without MTP.",
@@ -244,8 +586,12 @@ def load_hf_checkpoint(
 
     # Check everything before reading any data.
     wanted = {n for _, hf in table.values() for n in hf}
+    ignored = mtp_copies(config) if has_mtp else set()
+    if drop_mtp and mtp_prefixes:
+        ignored |= {n for n in names if n.startswith(mtp_prefixes)}
+        scales = {s for s in scales if not s.startswith(mtp_prefixes)}
     missing = sorted(wanted - names)
-    unexpected = sorted(names - wanted - (mtp_copies(config) if has_mtp else set()))
+    unexpected = sorted(names - wanted - ignored)
     unmapped = sorted(".".join(map(str, p)) for p in flat if p not in table)
     problems = []
     if missing:
@@ -256,15 +602,44 @@ def load_hf_checkpoint(
         problems.append(f"model parameters with no checkpoint source: {unmapped}")
     complete = {p: e for p, e in table.items() if all(n in names for n in e[1])}
     problems += _shape_problems(complete, flat, files)
+    problems += files.fp8_problems(ignore=mtp_prefixes if drop_mtp else ())
     if problems:
         raise CheckpointError(
-            f"checkpoint {os.fspath(path)} does not fit its config:\n  " + "\n  ".join(problems)
+            f"checkpoint {path} does not fit its config:\n  " + "\n  ".join(problems)
         )
+    return HFCheckpoint(path, hf_config, config, files, has_mtp, graphdef, flat)
 
+
+def load_hf_checkpoint(
+    path: str | os.PathLike, dtype=jnp.float32, **config_overrides
+) -> DeepseekV3:
+    """Loads an HF DeepSeek-V3 directory (config.json + safetensors) into the model.
+
+    Args:
+      path: directory with config.json and ``model.safetensors`` or a
+        ``model.safetensors.index.json`` with shards (HF per-expert or fused expert names); float32,
+        bf16, fp16 or official block-FP8 weights (dequantized with their ``*_scale_inv``).
+      dtype: parameter and computation dtype (the router and correction bias stay float32).
+      config_overrides: ModelConfig implementation fields (e.g. ``remat=True``).
+
+    Returns:
+      DeepseekV3. Without MTP tensors in the files (transformers does not save them) the model has
+      no MTP modules, and a warning says so once.
+
+    Raises:
+      FileNotFoundError: no config.json, no safetensors, or a shard named by the index missing.
+      CheckpointError: see :func:`open_hf_checkpoint`.
+    """
+    ck = open_hf_checkpoint(path, dtype, **config_overrides)
+    flat = ck.flat
     # The router and correction bias are float32 in the model whatever ``dtype`` is.
-    values = {p: jnp.asarray(reader(files.read), flat[p].dtype) for p, (reader, _) in table.items()}
+    values = {
+        p: jnp.asarray(reader(ck.files.read), flat[p].dtype)
+        for p, (reader, _) in ck.table().items()
+    }
+    ck.files.close()
     state = nnx.from_flat_state([(p, flat[p].replace(values[p])) for p in flat])
-    return nnx.merge(graphdef, state)
+    return nnx.merge(ck.graphdef, state)
 
 
 def _shape_problems(table, flat, files: SafetensorsDir) -> list[str]:

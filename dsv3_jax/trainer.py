@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,6 +43,92 @@ def model_config(cfg, vocab: data.CompactVocab | None) -> ModelConfig:
     if vocab is not None:
         fields.update(vocab_size=vocab.size, bos_token_id=vocab.bos, eos_token_id=vocab.eos)
     return ModelConfig(**fields)
+
+
+_KNOBS = ("dtype", "param_dtype", "remat", "moe_impl")
+
+
+def init_from(cfg, vocab: data.CompactVocab | None, train_tokens, val_tokens) -> DeepseekV3:
+    """The model to fine-tune: weights and architecture from ``cfg.init_from``.
+
+    ``cfg.init_from`` is a ``convert.py hf_to_orbax`` folder (original tokenizer ids), a training
+    workdir or checkpoint, or an HF directory. The implementation knobs (dtype, param_dtype, remat,
+    moe_impl) come from ``cfg.model``; its architecture fields are ignored (a warning lists those
+    that differ from the checkpoint's).
+
+    Raises:
+      RunConfigError: no checkpoint there; its vocabulary is not the data's (e.g. a converted
+        checkpoint with ``data.compact_vocab=True``); data ids outside its vocabulary; seq_len
+        beyond its max_position_embeddings.
+    """
+    from dsv3_jax.hf_io import CheckpointError, load_hf_checkpoint  # noqa: PLC0415
+
+    path = cfg.init_from
+    knobs = {k: cfg.model[k] for k in ("remat", "moe_impl") if k in cfg.model}
+    dtype = cfg.model.get("param_dtype", "float32")
+    try:
+        if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
+            os.path.join(path, "meta.json")
+        ):
+            model, saved_vocab = load_hf_checkpoint(path, dtype, **knobs), None
+        else:
+            model, meta = checkpoint.load_checkpoint(path, dtype=dtype, **knobs)
+            saved_vocab = meta.get("vocab")
+    except (FileNotFoundError, CheckpointError, ValueError) as err:
+        raise RunConfigError(f"config.init_from={path!r}: {err}") from err
+    mcfg = model.config
+    data_vocab = None if vocab is None else [int(i) for i in vocab.original_ids]
+    if (saved_vocab or None) != data_vocab:
+        ours = "the full tokenizer vocabulary" if data_vocab is None else "a compact vocabulary"
+        theirs = (
+            f"the full tokenizer vocabulary ({mcfg.vocab_size} ids)"
+            if not saved_vocab
+            else f"a compact vocabulary of {len(saved_vocab)} ids"
+        )
+        fix = (
+            "set --config.data.compact_vocab=False"
+            if not saved_vocab
+            else "use the data and compact_vocab setting it was trained with"
+        )
+        raise RunConfigError(
+            f"config.init_from={path!r} uses {theirs} but the data uses {ours}; {fix}"
+        )
+    top = int(max(train_tokens.max(), val_tokens.max()))
+    if top >= mcfg.vocab_size:
+        raise RunConfigError(
+            f"the data holds token id {top}, outside config.init_from's vocab_size {mcfg.vocab_size}"
+        )
+    if cfg.data.seq_len > mcfg.max_position_embeddings:
+        raise RunConfigError(
+            f"config.data.seq_len ({cfg.data.seq_len}) exceeds config.init_from's "
+            f"max_position_embeddings ({mcfg.max_position_embeddings})"
+        )
+    ignored = {
+        k: (v, getattr(mcfg, k))
+        for k, v in cfg.model.items()
+        if k not in _KNOBS
+        and k != "vocab_size"
+        and hasattr(mcfg, k)
+        and _plain(v) != _plain(getattr(mcfg, k))
+    }
+    if ignored:
+        log.warning(
+            "init_from %s: the checkpoint's architecture is used; config.model differs in "
+            "(config -> checkpoint): %s",
+            path,
+            ignored,
+        )
+    log.info("initialised from %s (%s)", path, "with MTP" if model.num_mtp else "no MTP")
+    return model
+
+
+def _plain(v):
+    """Config values in comparable form (ConfigDict / dataclass -> dict)."""
+    if hasattr(v, "to_dict"):
+        return v.to_dict()
+    if dataclasses.is_dataclass(v):
+        return dataclasses.asdict(v)
+    return v
 
 
 def evaluate(graphdef, params, biases, batches) -> float:
@@ -106,15 +193,18 @@ def train(cfg, workdir: str) -> dict:
     )
     t = cfg.train
     train_tokens, val_tokens, vocab = prepare_data(cfg)
-    mcfg = model_config(cfg, vocab)
+    if cfg.get("init_from"):
+        model = init_from(cfg, vocab, train_tokens, val_tokens)
+        mcfg = model.config
+    else:
+        mcfg = model_config(cfg, vocab)
+        model = DeepseekV3(mcfg, rngs=nnx.Rngs(t.seed))
     log.info(
         "train tokens %d, val tokens %d, vocab %d",
         len(train_tokens),
         len(val_tokens),
         mcfg.vocab_size,
     )
-
-    model = DeepseekV3(mcfg, rngs=nnx.Rngs(t.seed))
     graphdef, params, biases = train_lib.split_model(model)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     log.info("model: %s parameters", f"{n_params:,}")

@@ -594,7 +594,53 @@ def rope_summary(cfg) -> str:
     )
 
 
+def make_fp8_golden() -> str:
+    """fp8_official.npz: transformers' logits on the official-layout FP8 checkpoint of
+    fp8_checkpoint.py, its FP8 weights dequantized by that module's float64 routine (never by
+    transformers' own FP8 code, which gets partial edge blocks wrong), plus the sha256 of the built
+    files so the test can check that it converts the same bytes."""
+    import tempfile
+
+    sys.path.insert(0, str(OUT))
+    import fp8_checkpoint as fc
+
+    cfg = fc.CONFIG
+    mtp = f"model.layers.{cfg['num_hidden_layers']}."
+    with tempfile.TemporaryDirectory() as tmp:
+        sha = fc.build(Path(tmp) / "fp8")
+        assert fc.build(Path(tmp) / "again") == sha, "the FP8 builder is not deterministic"
+        ref = Path(tmp) / "ref"
+        ref.mkdir()
+        weights = {
+            k: torch.from_numpy(v.astype(np.float32)).contiguous()
+            for k, v in fc.dequantized().items()
+            if not k.startswith(mtp)  # HF has no MTP module
+        }
+        save_file(weights, str(ref / "model.safetensors"), metadata={"format": "pt"})
+        plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
+        (ref / "config.json").write_text(json.dumps(plain, indent=2))
+        g = torch.Generator().manual_seed(4242)
+        input_ids = torch.randint(2, cfg["vocab_size"], (2, SEQ), generator=g)
+        input_ids[:, 0] = cfg["bos_token_id"]
+        logits, info, model = load_logits(ref, input_ids.numpy())
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        sd = model.state_dict()
+        kv = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+        assert torch.equal(sd[kv], weights[kv]), "transformers changed a weight on load"
+    assert np.isfinite(logits).all() and logits.std(-1).min() > 0.1, logits.std(-1).min()
+    np.savez(
+        OUT / "fp8_official.npz",
+        input_ids=input_ids.numpy().astype(np.int32),
+        logits=logits.astype(np.float32),
+        files_sha256=np.array(sha),
+    )
+    return f"fp8_official: sha256 {sha[:16]}..., logit std {logits.std():.2f}"
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--fp8_only"]:
+        print(make_fp8_golden())
+        return 0
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     if transformers.__version__ != "5.24.0":
         print(
@@ -667,6 +713,8 @@ def main() -> int:
         )
         print(line)
         report.append(line)
+    line = make_fp8_golden()
+    print(line)
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"total size of {OUT}: {total} bytes")
     return 0

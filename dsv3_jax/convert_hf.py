@@ -1,0 +1,634 @@
+"""Streaming conversion between HF DeepSeek-V3 checkpoints and our orbax layout, in bounded memory.
+
+Converted layout (``hf_to_orbax``), one orbax checkpoint per layer so nothing ever holds more than
+the layer being read and the layer being written:
+
+    OUT/config.json          the source's HF config.json (the model config, beside the weights)
+    OUT/meta.json            {"format": FORMAT, "model_config", "vocab": null, "mtp", "fp8",
+                              "weight_block_size", "dtype", "groups", "source", "step": 0}
+    OUT/model/head/          orbax: embed_tokens.embedding [w, d], norm.weight [d], lm_head.kernel [d, w]
+    OUT/model/layer_NNN/     orbax: decoder layer NNN (HF index; MTP module k at
+                             num_hidden_layers + k - 1) with our in-layer paths, kernels [in, out],
+                             routed experts stacked [e, in, out]; with --keep_fp8 the FP8 kernels stay
+                             float8_e4m3fn with ``<kernel>_scale_inv`` [.., ceil(in/bi), ceil(out/bo)]
+
+``orbax_to_hf`` writes the official HF layout back (per-expert names, MTP layers at their index,
+the correction bias float32) in safetensors shards with ``model.safetensors.index.json``.
+
+Both directions write into a temporary sibling folder and rename it when complete: an output never
+looks complete until it is, and an existing output is replaced only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.hf_io import (
+    BF16_DTYPE,
+    FP8_DTYPE,
+    SCALE_SUFFIX,
+    CheckpointError,
+    cast,
+    dequantize,
+    layer_groups,
+    open_hf_checkpoint,
+    quantize,
+    to_float32,
+)
+from dsv3_jax.model import DeepseekV3
+
+log = logging.getLogger("dsv3_jax")
+
+FORMAT = "dsv3_jax-converted-hf/1"
+META = "meta.json"
+# HF weights that the official checkpoint stores in FP8 (attention, dense MLP, experts).
+_FP8_WEIGHT = re.compile(
+    r"\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj))\.weight$"
+)
+
+
+def is_converted(path: str | os.PathLike) -> bool:
+    """True if ``path`` is an ``hf_to_orbax`` output folder."""
+    meta = os.path.join(os.fspath(path), META)
+    if not os.path.exists(meta):
+        return False
+    with open(meta) as f:
+        return json.load(f).get("format") == FORMAT
+
+
+# ----------------------------------------------------------------------------- output folders
+class _Output:
+    """Writes into ``<out>.tmp-XXXX`` and renames it to ``out`` on commit (removed on failure)."""
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool):
+        self.out = os.path.abspath(os.fspath(out))
+        if os.path.exists(self.out) and not overwrite:
+            raise FileExistsError(
+                f"output {self.out} exists; choose a new folder or pass --overwrite"
+            )
+        parent = os.path.dirname(self.out)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.out) + ".tmp-", dir=parent)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if os.path.exists(self.out):  # --overwrite: keep the old one until the new one is in place
+            old = tempfile.mkdtemp(
+                prefix=os.path.basename(self.out) + ".old-", dir=os.path.dirname(self.out)
+            )
+            os.rmdir(old)
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        if old:
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+        return False
+
+
+def _progress(total_bytes: int, n_tensors: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(
+        total=total_bytes,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        file=sys.stderr,
+        disable=not enabled,
+        dynamic_ncols=True,
+        postfix=f"0/{n_tensors} tensors",
+    )
+
+
+def _nest(flat: dict[tuple, np.ndarray]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = value
+    return tree
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- HF -> orbax
+def model_path(prefix: tuple, rel: tuple) -> tuple:
+    """A group entry's path in the model state (stacked layers drop the layer index)."""
+    if prefix and prefix[0] in ("dense_layers", "moe_layers"):
+        return (prefix[0], *rel)
+    return (*prefix, *rel)
+
+
+def hf_to_orbax(
+    hf_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    dtype: str = "bfloat16",
+    keep_fp8: bool = False,
+    drop_mtp: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Converts an HF DeepSeek-V3 directory to the converted orbax layout, layer by layer.
+
+    Reads tensor by tensor (safetensors maps the files), writes one orbax checkpoint per layer
+    while the next layer is read: peak memory is about two layers plus a fixed overhead.
+
+    Args:
+      hf_dir: HF directory (config.json in either RoPE form; one safetensors file or an index with
+        shards; float32/bf16/FP8 with ``*_scale_inv``; per-expert or fused expert names; MTP layers
+        at num_hidden_layers + k).
+      output_dir: the folder to create (see the module docstring for its layout).
+      dtype: "bfloat16" or "float32": the stored dtype of every tensor except the router kernel
+        and the correction bias (float32, as in the model) and, with ``keep_fp8``, FP8 kernels.
+      keep_fp8: store FP8 weights and their scales as they are (about half the bytes of bf16);
+        ``load_checkpoint`` dequantizes them on load.
+      drop_mtp: leave the MTP layers out.
+      overwrite: replace an existing ``output_dir`` (only once the new one is complete).
+      progress: show a progress bar on stderr (tensors, bytes, GB/s, ETA).
+
+    Returns:
+      {"tensors": HF tensors read, "bytes": their bytes in the files, "seconds", "groups"}.
+
+    Raises:
+      FileExistsError: ``output_dir`` exists and not ``overwrite``.
+      FileNotFoundError / CheckpointError: as :func:`dsv3_jax.hf_io.open_hf_checkpoint`; nothing
+        is written then.
+    """
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+    out = _Output(output_dir, overwrite)  # refuses an existing output before any work
+    try:
+        ck = open_hf_checkpoint(hf_dir, dtype, drop_mtp=drop_mtp)
+    except BaseException:
+        shutil.rmtree(out.tmp, ignore_errors=True)
+        raise
+    files, config = ck.files, ck.config
+    block = files.block
+    groups = ck.groups()
+    hf_names = [n for _, _, entries in groups for _, hf in entries.values() for n in hf]
+    total = sum(files.nbytes_of[n] for n in hf_names) + sum(
+        files.nbytes_of[n + SCALE_SUFFIX] for n in hf_names if files.is_fp8(n)
+    )
+    start = time.time()
+    with out:
+        with _writer() as ckptr:
+            _write_groups(ckptr, ck, groups, out.tmp, keep_fp8, total, len(hf_names), progress)
+        shutil.copyfile(os.path.join(ck.path, "config.json"), os.path.join(out.tmp, "config.json"))
+        meta = {
+            "format": FORMAT,
+            "model_config": config.to_dict(),
+            "vocab": None,
+            "mtp": ck.has_mtp,
+            "step": 0,
+            "fp8": bool(keep_fp8 and block is not None),
+            "weight_block_size": list(block) if block else None,
+            "dtype": dtype,
+            "groups": [name for name, _, _ in groups],
+            "source": os.path.abspath(ck.path),
+        }
+        with open(os.path.join(out.tmp, META), "w") as f:
+            json.dump(meta, f, indent=1)
+    files.close()
+    seconds = time.time() - start
+    return {"tensors": len(hf_names), "bytes": total, "seconds": seconds, "groups": len(groups)}
+
+
+def _writer() -> ocp.AsyncCheckpointer:
+    """Async orbax writer for numpy trees that neither copies them first (we never modify an array
+    after handing it over) nor compresses them (weights hardly compress; zstd halves throughput).
+    Its checkpoints read back with ``ocp.StandardCheckpointer``."""
+    numpy_handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, numpy_handler),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),  # as the default registry
+    )
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+    return ocp.AsyncCheckpointer(handler)
+
+
+def _write_groups(ckptr, ck, groups, tmp, keep_fp8, total, n_tensors, progress) -> None:
+    """Reads each group tensor by tensor and saves it while the next one is read."""
+    files = ck.files
+    bar = _progress(total, n_tensors, "hf_to_orbax", progress)
+    done = 0
+    for name, prefix, entries in groups:
+        flat = {}
+        for rel, (reader, hf) in entries.items():
+            model_dtype = ck.flat[model_path(prefix, rel)].dtype
+            fp8 = keep_fp8 and all(files.is_fp8(n) for n in hf)
+            # Transposes and stacks run on the bits (numpy copies ml_dtypes types slowly).
+            if fp8:
+                flat[rel] = _unbits(reader(lambda n: _bits(files.read_raw(n))), FP8_DTYPE)
+                scale_rel = (*rel[:-1], rel[-1] + SCALE_SUFFIX)
+                flat[scale_rel] = np.ascontiguousarray(reader(files.read_scale))
+            else:  # dequantize, cast, transpose and stack in XLA (fused, multi-threaded)
+                get = lambda n, dt=model_dtype: _read_jax(files, n, dt)
+                flat[rel] = np.asarray(reader(get))
+            nbytes = sum(files.nbytes_of[n] for n in hf)
+            nbytes += sum(files.nbytes_of[n + SCALE_SUFFIX] for n in hf if files.is_fp8(n))
+            done += len(hf)
+            bar.set_postfix_str(f"{done}/{n_tensors} tensors", refresh=False)
+            bar.update(nbytes)
+        if prefix and prefix[0] == "mtp":
+            _check_mtp_copies(files, ck.config.num_hidden_layers + prefix[1])
+        ckptr.wait_until_finished()  # the previous layer is on disk: at most two in memory
+        ckptr.save(os.path.join(tmp, "model", name), args=ocp.args.PyTreeSave(_nest(flat)))
+        del flat
+    ckptr.wait_until_finished()
+    ckptr.close()
+    bar.close()
+
+
+@functools.partial(jax.jit, static_argnames=("block", "dtype"))
+def _dequantize_jax(w, scale, block, dtype):
+    """FP8 weight [o, i] x scale [ceil(o/bo), ceil(i/bi)] -> dtype, as hf_io.dequantize (float32
+    product, then one rounding to ``dtype``)."""
+    o, i = w.shape
+    full = jnp.repeat(jnp.repeat(scale, block[0], axis=0)[:o], block[1], axis=1)[:, :i]
+    return (w.astype(jnp.float32) * full).astype(dtype)
+
+
+def _read_jax(files, name: str, dtype) -> jax.Array:
+    """One tensor as a jax (CPU) array of ``dtype``, FP8 weights dequantized."""
+    x = files.read_raw(name)
+    if files.is_fp8(name):
+        return _dequantize_jax(x, files.read_scale(name), files.block, jnp.dtype(dtype))
+    return jnp.asarray(x).astype(dtype)
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    """bfloat16 / float8 arrays viewed as unsigned ints of their width (others unchanged)."""
+    if x.dtype.kind == "V" or x.dtype in (FP8_DTYPE, BF16_DTYPE):
+        return x.view({1: np.uint8, 2: np.uint16}[x.dtype.itemsize])
+    return x
+
+
+def _unbits(x: np.ndarray, dtype) -> np.ndarray:
+    x = np.ascontiguousarray(x)
+    dtype = np.dtype(dtype)
+    return x.view(dtype) if x.dtype.kind == "u" and x.dtype.itemsize == dtype.itemsize else x
+
+
+def _check_mtp_copies(files, layer: int) -> None:
+    """Warns if an MTP layer's embedding/head copies differ from the main ones (they are dropped)."""
+    for copy, main in (
+        (f"model.layers.{layer}.embed_tokens.weight", "model.embed_tokens.weight"),
+        (f"model.layers.{layer}.shared_head.head.weight", "lm_head.weight"),
+    ):
+        if copy in files and not files.same_values(copy, main):
+            log.warning("%s differs from %s; the model uses %s (shared)", copy, main, main)
+
+
+# ----------------------------------------------------------------------------- reading ours
+def _read_meta(path: str) -> dict:
+    with open(os.path.join(path, META)) as f:
+        return json.load(f)
+
+
+def _restore_group(ckptr, path: str) -> dict[tuple, np.ndarray]:
+    """One group's orbax checkpoint as {path in group: numpy array}."""
+    meta = ckptr.metadata(path).item_metadata.tree
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+        meta,
+        is_leaf=lambda m: hasattr(m, "shape"),
+    )
+    return _flatten(ckptr.restore(path, target))
+
+
+def _dequantize_ours(flat: dict[tuple, np.ndarray], block) -> dict[tuple, np.ndarray]:
+    """Kernels kept in FP8 (ours: [.., in, out], scale [.., ceil(in/bi), ceil(out/bo)]) -> float32."""
+    out = {}
+    for rel, x in flat.items():
+        if rel[-1].endswith(SCALE_SUFFIX):
+            continue
+        scale = flat.get((*rel[:-1], rel[-1] + SCALE_SUFFIX))
+        out[rel] = x if scale is None else dequantize(x, scale, (block[1], block[0]))
+    return out
+
+
+def load_converted(
+    path: str | os.PathLike, dtype=None, **config_overrides
+) -> tuple[DeepseekV3, dict]:
+    """Loads an ``hf_to_orbax`` folder into the model (see ``dsv3_jax.load_checkpoint``).
+
+    Args:
+      path: the converted folder.
+      dtype: parameter and computation dtype (default: the stored dtype); the router and the
+        correction bias stay float32; FP8 kernels are dequantized with their scales.
+      config_overrides: ModelConfig implementation fields.
+
+    Returns:
+      (model, meta).
+
+    Raises:
+      FileNotFoundError: a group checkpoint named by meta.json is missing.
+    """
+    path = os.path.abspath(os.fspath(path))
+    meta = _read_meta(path)
+    dtype_name = jnp.dtype(dtype or meta["dtype"]).name
+    fields = {**meta["model_config"], "dtype": dtype_name, "param_dtype": dtype_name}
+    config = ModelConfig.from_dict({**fields, **config_overrides})
+    abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=meta["mtp"]))
+    graphdef, abstract_state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(abstract_state))
+    groups = {name: prefix for name, prefix, _ in layer_groups(config, set(), meta["mtp"])}
+    if list(groups) != meta["groups"]:
+        raise CheckpointError(
+            f"{path}: meta.json lists groups {meta['groups']}, its model config implies {list(groups)}"
+        )
+    values: dict[tuple, np.ndarray] = {}
+    ckptr = ocp.StandardCheckpointer()
+    for name, prefix in groups.items():
+        gpath = os.path.join(path, "model", name)
+        if not os.path.isdir(gpath):
+            raise FileNotFoundError(f"{path}: layer checkpoint {gpath} is missing")
+        group = _dequantize_ours(_restore_group(ckptr, gpath), meta.get("weight_block_size"))
+        for rel, x in group.items():
+            if prefix and prefix[0] in ("dense_layers", "moe_layers"):
+                key = (prefix[0], *rel)
+                if key not in values:  # [l, ...] filled layer by layer
+                    values[key] = np.empty(flat[key].shape, flat[key].dtype)
+                values[key][prefix[1]] = x
+            else:
+                key = (*prefix, *rel)
+                values[key] = np.asarray(x, flat[key].dtype)
+    ckptr.close()
+    missing = sorted(".".join(map(str, p)) for p in flat if p not in values)
+    if missing:
+        raise CheckpointError(f"{path}: no stored value for model parameters {missing}")
+    state = nnx.from_flat_state(
+        [(p, flat[p].replace(jnp.asarray(values.pop(p)))) for p in list(flat)]
+    )
+    return nnx.merge(graphdef, state), dict(meta, step=meta.get("step", 0))
+
+
+# ----------------------------------------------------------------------------- orbax -> HF
+def parse_size(size: str | int) -> int:
+    """'5GB' -> 5e9 bytes ('5GiB' -> 5 * 2**30; a plain int is bytes), as HF's max_shard_size."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} is not a size like '5GB', '500MB' or 1000000")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+def _hf_tensors(entries: dict, group: dict[tuple, np.ndarray]) -> dict[str, np.ndarray]:
+    """One group in HF names and layout ([out, in], per-expert), the inverse of its readers."""
+    out = {}
+    for rel, (_, hf) in entries.items():
+        for suffix in ("", SCALE_SUFFIX):
+            key = (*rel[:-1], rel[-1] + suffix)
+            if key not in group:
+                continue
+            x = group[key]
+            kernel = rel[-1] == "kernel" or len(hf) > 1
+            if len(hf) > 1:  # routed experts [e, in, out] -> e tensors [out, in]
+                for name, xe in zip(hf, x, strict=True):
+                    out[name + suffix] = np.ascontiguousarray(xe.T)
+            else:
+                out[hf[0] + suffix] = np.ascontiguousarray(x.T if kernel else x)
+    return out
+
+
+def _model_groups(model: DeepseekV3) -> dict[str, dict[tuple, np.ndarray]]:
+    """Per-group numpy trees of a model in memory (a training checkpoint), as hf_to_orbax stores."""
+    flat = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    groups = {}
+    for name, prefix, entries in layer_groups(model.config, set(), model.num_mtp > 0):
+        if prefix and prefix[0] in ("dense_layers", "moe_layers"):
+            groups[name] = {rel: flat[(prefix[0], *rel)][prefix[1]] for rel in entries}
+        else:
+            groups[name] = {rel: flat[(*prefix, *rel)] for rel in entries}
+    return groups
+
+
+def orbax_to_hf(
+    checkpoint_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    max_shard_size: str | int = "5GB",
+    fp8: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    *,
+    _model: DeepseekV3 | None = None,
+) -> dict:
+    """Writes an HF DeepSeek-V3 directory from a converted folder or a training checkpoint.
+
+    Output: ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``max_shard_size`` (a tensor
+    larger than that gets a shard of its own), ``model.safetensors.index.json`` and
+    ``config.json``; per-expert names, MTP layers at num_hidden_layers + k - 1 with the official
+    copies of the embedding and head, the correction bias float32. Float32 in, float32 out: HF ->
+    orbax -> HF is bit-exact.
+
+    Args:
+      checkpoint_dir: an ``hf_to_orbax`` folder (streamed one layer at a time), or a training
+        workdir / checkpoints folder / step folder (loaded whole; full-vocabulary runs only).
+      output_dir: the folder to create.
+      max_shard_size: e.g. "5GB" (10^9 bytes) or "4GiB" or an int of bytes.
+      fp8: store the attention, MLP and expert weights as official block FP8 (float8_e4m3fn +
+        float32 ``weight_scale_inv``, 128x128 blocks unless the source had others); weights kept
+        in FP8 by ``--keep_fp8`` are written back unchanged.
+      overwrite: replace an existing ``output_dir`` once the new one is complete.
+      progress: progress bar on stderr.
+
+    Returns:
+      {"tensors", "bytes" (written), "seconds", "shards"}.
+
+    Raises:
+      FileExistsError: ``output_dir`` exists and not ``overwrite``.
+      FileNotFoundError: no converted folder or training checkpoint at ``checkpoint_dir``.
+      CheckpointError: a compact-vocabulary training checkpoint (its ids are not the tokenizer's).
+    """
+    from dsv3_jax import checkpoint as ckpt_lib  # noqa: PLC0415 (checkpoint imports this module)
+
+    limit = parse_size(max_shard_size)
+    src = None if _model is not None else os.path.abspath(os.fspath(checkpoint_dir))
+    out = _Output(output_dir, overwrite)
+    try:
+        if _model is not None:
+            meta = {"vocab": None}
+            config, has_mtp, stored_block = _model.config, _model.num_mtp > 0, None
+            hf_config = config.to_hf()
+            model_groups = _model_groups(_model)
+        elif is_converted(src):
+            meta = _read_meta(src)
+            config = ModelConfig.from_dict(meta["model_config"])
+            with open(os.path.join(src, "config.json")) as f:
+                hf_config = json.load(f)
+            has_mtp, stored_block = meta["mtp"], meta.get("weight_block_size")
+            model_groups = None
+        else:
+            model, meta = ckpt_lib.load_checkpoint(src)
+            if meta.get("vocab"):
+                raise CheckpointError(
+                    f"{src} was trained on a compact vocabulary of {len(meta['vocab'])} ids; its "
+                    "embedding rows are not the tokenizer's ids, so it has no HF form"
+                )
+            config, has_mtp, stored_block = model.config, model.num_mtp > 0, None
+            hf_config = config.to_hf()
+            model_groups = _model_groups(model)
+            del model
+    except BaseException:
+        shutil.rmtree(out.tmp, ignore_errors=True)
+        raise
+    block = tuple(
+        stored_block
+        or (hf_config.get("quantization_config") or {}).get("weight_block_size", (128, 128))
+    )
+    groups = layer_groups(config, set(), has_mtp)
+    start, written, n_tensors = time.time(), 0, 0
+    weight_map: dict[str, str] = {}
+    shards: list[str] = []
+    with out:
+        ckptr = ocp.StandardCheckpointer()
+        if model_groups is None:
+            total = sum(_group_bytes(ckptr, os.path.join(src, "model", g[0])) for g in groups)
+        else:
+            total = sum(x.nbytes for g in model_groups.values() for x in g.values())
+        bar = _progress(total, 0, "orbax_to_hf", progress)
+        pending: dict[str, np.ndarray] = {}
+        pending_bytes = 0
+
+        def flush():
+            nonlocal pending, pending_bytes
+            if pending:
+                fname = f"shard-{len(shards):05d}.safetensors"
+                save_file(pending, os.path.join(out.tmp, fname), metadata={"format": "pt"})
+                shards.append(fname)
+                weight_map.update(dict.fromkeys(pending, fname))
+                pending, pending_bytes = {}, 0
+
+        for name, prefix, entries in groups:
+            if model_groups is not None:
+                group = model_groups.pop(name)
+                bar.update(sum(x.nbytes for x in group.values()))
+            else:
+                group = _restore_group(ckptr, os.path.join(src, "model", name))
+                bar.update(sum(x.nbytes for x in group.values()))
+                if not fp8:
+                    group = _dequantize_ours(group, stored_block)
+                group = {k: _stored(k, v, meta["dtype"]) for k, v in group.items()}
+            tensors = _hf_tensors(entries, group)
+            del group
+            if prefix and prefix[0] == "mtp":  # the official layout repeats embedding and head
+                i = config.num_hidden_layers + prefix[1]
+                for copy, main in (("embed_tokens.weight", "model.embed_tokens.weight"),
+                                   ("shared_head.head.weight", "lm_head.weight")):  # fmt: skip
+                    tensors[f"model.layers.{i}.{copy}"] = _read_back(
+                        out.tmp, weight_map, pending, main
+                    )
+            if fp8:
+                tensors = _to_fp8(tensors, block)
+            for tname, x in tensors.items():
+                if pending and pending_bytes + x.nbytes > limit:
+                    flush()
+                pending[tname] = x
+                pending_bytes += x.nbytes
+                written += x.nbytes
+                n_tensors += 1
+            bar.set_postfix_str(f"{n_tensors} tensors", refresh=False)
+        flush()
+        ckptr.close()
+        bar.close()
+        n = len(shards)
+        final = {s: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, s in enumerate(shards)}
+        for s, f in final.items():
+            os.rename(os.path.join(out.tmp, s), os.path.join(out.tmp, f))
+        index = {
+            "metadata": {"total_size": written},
+            "weight_map": {k: final[v] for k, v in sorted(weight_map.items())},
+        }
+        with open(os.path.join(out.tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+        hf_config = dict(hf_config)
+        hf_config.pop("quantization_config", None)
+        if fp8:
+            hf_config["quantization_config"] = {
+                "activation_scheme": "dynamic",
+                "fmt": "e4m3",
+                "quant_method": "fp8",
+                "weight_block_size": list(block),
+            }
+        stored = config.param_dtype if model_groups is not None else meta["dtype"]
+        for key in ("torch_dtype", "dtype"):
+            if key in hf_config or key == "torch_dtype":
+                hf_config[key] = stored
+        with open(os.path.join(out.tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+    return {"tensors": n_tensors, "bytes": written, "seconds": time.time() - start, "shards": n}
+
+
+def save_hf(model: DeepseekV3, output_dir: str | os.PathLike, **kwargs) -> dict:
+    """Writes a model in memory as an HF directory (see :func:`orbax_to_hf` for kwargs)."""
+    return orbax_to_hf(None, output_dir, _model=model, **kwargs)
+
+
+def _group_bytes(ckptr, path: str) -> int:
+    tree = ckptr.metadata(path).item_metadata.tree
+    leaves = jax.tree.leaves(tree, is_leaf=lambda m: hasattr(m, "shape"))
+    return sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in leaves)
+
+
+def _stored(rel: tuple, x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values (dequantized FP8, the router kept float32) back in the stored dtype; the
+    correction bias and FP8 scales stay float32."""
+    if x.dtype != np.float32 or rel[-1] == "e_score_correction_bias":
+        return x
+    return x if rel[-1].endswith(SCALE_SUFFIX) else cast(x, jnp.dtype(dtype))
+
+
+def _read_back(tmp: str, weight_map: dict, pending: dict, name: str) -> np.ndarray:
+    """A tensor already written (to a shard of ``tmp``) or pending: the MTP copies."""
+    if name in pending:
+        return pending[name]
+    from safetensors import safe_open  # noqa: PLC0415
+
+    with safe_open(os.path.join(tmp, weight_map[name]), framework="numpy") as f:
+        return f.get_tensor(name)
+
+
+def _to_fp8(tensors: dict[str, np.ndarray], block) -> dict[str, np.ndarray]:
+    """Quantizes the official FP8 weights of a group that are not FP8 yet; others unchanged."""
+    out = {}
+    for name, x in tensors.items():
+        if name.endswith(SCALE_SUFFIX) or x.dtype == FP8_DTYPE or not _FP8_WEIGHT.search(name):
+            out[name] = x
+            continue
+        q, s = quantize(to_float32(x), block)
+        out[name], out[name + SCALE_SUFFIX] = q, s
+    return out
