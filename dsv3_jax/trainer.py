@@ -45,16 +45,14 @@ def model_config(cfg, vocab: data.CompactVocab | None) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-_KNOBS = ("dtype", "param_dtype", "remat", "moe_impl")
-
-
 def init_from(cfg, vocab: data.CompactVocab | None, train_tokens, val_tokens) -> DeepseekV3:
     """The model to fine-tune: weights and architecture from ``cfg.init_from``.
 
     ``cfg.init_from`` is a ``convert.py hf_to_orbax`` folder (original tokenizer ids), a training
-    workdir or checkpoint, or an HF directory. The implementation knobs (dtype, param_dtype, remat,
-    moe_impl) come from ``cfg.model``; its architecture fields are ignored (a warning lists those
-    that differ from the checkpoint's).
+    workdir or checkpoint, or an HF directory. The implementation knobs
+    (``IMPLEMENTATION_FIELDS``: dtypes, remat, moe_impl, attention choices) come from
+    ``cfg.model``; its architecture fields are ignored (a warning lists those that differ from
+    the checkpoint's).
 
     Raises:
       RunConfigError: no checkpoint there; its vocabulary is not the data's (e.g. a converted
@@ -64,7 +62,11 @@ def init_from(cfg, vocab: data.CompactVocab | None, train_tokens, val_tokens) ->
     from dsv3_jax.hf_io import CheckpointError, load_hf_checkpoint  # noqa: PLC0415
 
     path = cfg.init_from
-    knobs = {k: cfg.model[k] for k in ("remat", "moe_impl") if k in cfg.model}
+    knobs = {
+        k: cfg.model[k]
+        for k in IMPLEMENTATION_FIELDS
+        if k in cfg.model and k not in ("dtype", "param_dtype")
+    }
     dtype = cfg.model.get("param_dtype", "float32")
     try:
         if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
@@ -106,7 +108,7 @@ def init_from(cfg, vocab: data.CompactVocab | None, train_tokens, val_tokens) ->
     ignored = {
         k: (v, getattr(mcfg, k))
         for k, v in cfg.model.items()
-        if k not in _KNOBS
+        if k not in IMPLEMENTATION_FIELDS
         and k != "vocab_size"
         and hasattr(mcfg, k)
         and _plain(v) != _plain(getattr(mcfg, k))
