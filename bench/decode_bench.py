@@ -119,9 +119,12 @@ def _speculative(workdir: str) -> list[str]:
         f"{_NEW.value} new tokens:"
     ]
     for b in _BATCHES.value:
-        starts = range(20_000, 20_000 + 5_000 * int(b), 5_000)
+        lines_ = text.splitlines()
+        starts = range(500, 500 + 200 * int(b), 200)  # four whole lines every 200 lines
         prompts = [
-            vocab.to_compact(data.encode_document(tokenizer, text[i : i + 120])).tolist()
+            vocab.to_compact(
+                data.encode_document(tokenizer, "\n".join(lines_[i : i + 4]) + "\n")
+            ).tolist()
             for i in starts
         ]
         t_plain, plain = _best_time(lambda p=prompts: generate(model, p, _NEW.value), 2)
