@@ -66,15 +66,24 @@ def _fail(message: str):
     sys.exit(f"error: {message}")
 
 
-def _encode(tokenizer, vocab, text: str) -> np.ndarray:
-    ids = (
-        data.encode_chat(tokenizer, text) if _CHAT.value else data.encode_document(tokenizer, text)
-    )
+def _encode(tokenizer, vocab, text: str, name: str) -> np.ndarray:
+    try:
+        if _CHAT.value:
+            ids = data.encode_chat(tokenizer, text)
+        else:
+            ids = data.encode_document(tokenizer, text)
+    except ValueError as err:
+        _fail(f"{name}: {err}")
     if vocab is not None:
         unknown = vocab.missing(ids)
         if unknown.size:
+            if _CHAT.value:
+                _fail(
+                    "--chat needs a checkpoint with the full tokenizer vocabulary (a converted "
+                    "one); this model never saw the chat tokens in training (compact vocabulary)"
+                )
             pieces = [tokenizer.decode([int(i)]) for i in unknown]
-            _fail(f"the prompt uses tokens this model never saw in training: {pieces}")
+            _fail(f"{name} uses tokens this model never saw in training: {pieces}")
         ids = vocab.to_compact(ids)
     return ids
 
@@ -102,10 +111,10 @@ def main(argv):
         )
     tokenizer = data.load_tokenizer()
     vocab = data.CompactVocab(meta["vocab"]) if meta.get("vocab") else None
-    try:
-        prompts = [_encode(tokenizer, vocab, text) for text in _PROMPT.value]
-    except ValueError as err:
-        _fail(str(err))
+    prompts = [
+        _encode(tokenizer, vocab, text, "the prompt" if len(_PROMPT.value) == 1 else f"prompt {i}")
+        for i, text in enumerate(_PROMPT.value)
+    ]
     try:
         sampling.check_sampling_args(
             model.config.max_position_embeddings,
@@ -153,11 +162,12 @@ def main(argv):
             new = np.asarray(row[len(ids) :], np.int64)
             new = vocab.to_original(new) if vocab is not None else new
             sys.stdout.write(f"--- [{i}]\n{text}{data.decode(tokenizer, new)}\n")
-    if _SPECULATIVE.value:
+    if _SPECULATIVE.value and stats.drafted:
+        rows = f" of {len(prompts)} rows" if len(prompts) > 1 else ""
         print(
             f"[speculative MTP: {stats.accepted}/{stats.drafted} drafts accepted "
-            f"({stats.acceptance_rate:.1%}), {stats.new_tokens} tokens in {stats.steps + 1} "
-            "main-model forwards]",
+            f"({stats.acceptance_rate:.1%}); {stats.new_tokens} tokens in {stats.steps + 1} "
+            f"main-model forwards{rows}]",
             file=sys.stderr,
         )
     if _VERBOSE.value:

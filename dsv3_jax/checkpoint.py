@@ -108,9 +108,15 @@ def load_checkpoint(
         path, step = os.path.dirname(path), int(os.path.basename(path))
     ckpt = checkpoint_dir(path) if os.path.isdir(os.path.join(path, "checkpoints")) else path
     if not os.path.isdir(ckpt) or not any(d.isdigit() for d in os.listdir(ckpt)):
+        hint = ""
+        if os.path.isfile(os.path.join(path, "config.json")):
+            hint = (
+                "; it looks like an HF checkpoint: convert it with `python convert.py hf_to_orbax` "
+                "or load it with dsv3_jax.load_hf_checkpoint"
+            )
         raise FileNotFoundError(
             f"no checkpoints at {path} (expected a training workdir with checkpoints/<step>/, "
-            "or such a checkpoints folder)"
+            f"such a checkpoints folder, or a convert.py hf_to_orbax folder){hint}"
         )
     manager = ocp.CheckpointManager(
         ckpt,

@@ -258,7 +258,10 @@ class ModelConfig:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"no HF config.json at {path}")
             with open(path) as f:
-                raw = json.load(f)
+                try:
+                    raw = json.load(f)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path} is not valid JSON: {err}") from None
         model_type = raw.get("model_type", "deepseek_v3")
         if model_type not in _MODEL_TYPES:
             raise ValueError(

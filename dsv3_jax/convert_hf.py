@@ -95,6 +95,7 @@ class _Output:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        _default_permissions(self.tmp)
         old = None
         if os.path.exists(self.out):  # --overwrite: keep the old one until the new one is in place
             old = tempfile.mkdtemp(
@@ -106,6 +107,19 @@ class _Output:
         if old:
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
         return False
+
+
+def _default_permissions(root: str) -> None:
+    """Gives a finished output the modes of a plain ``mkdir``/``open`` (mkdtemp and temp files
+    are private, 0700/0600, which would hide the result from other users)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(folder, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(folder, f), 0o666 & ~mask)
 
 
 def _progress(total_bytes: int, n_tensors: int, desc: str, enabled: bool) -> tqdm:

@@ -20,6 +20,7 @@ sampling accepts with probability min(1, p/q) and resamples rejections from max(
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import warnings
 from collections.abc import Callable
@@ -103,6 +104,12 @@ def check_sampling_args(
     max_len: int, prompt_len: int, max_new_tokens: int, temperature: float, top_k, top_p
 ) -> None:
     """Raises ValueError naming the argument that cannot work (see :func:`generate`)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))):
+        raise ValueError(f"top_k must be an int or None, got {top_k!r}")
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if prompt_len + max_new_tokens > max_len:
@@ -114,7 +121,7 @@ def check_sampling_args(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and not 0.0 < top_p <= 1.0:  # also rejects NaN
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
@@ -300,10 +307,18 @@ def _bucket(n: int, minimum: int) -> int:
 def _as_prompts(input_ids, vocab_size: int, max_len: int) -> tuple[list[np.ndarray], bool]:
     """(list of int32 [s_b] prompts, whether the input was one [b, s] array)."""
     if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
-        prompts = [np.asarray(p) for p in input_ids]
+        prompts = []
+        for i, p in enumerate(input_ids):
+            try:
+                p = np.asarray(p)
+            except ValueError:
+                p = np.asarray(p, dtype=object)
+            if p.ndim != 1 or p.dtype == object:
+                raise ValueError(f"prompt {i} must be a flat list of ids, got {p.tolist()!r:.80}")
+            if p.size == 0:
+                raise ValueError(f"prompt {i} is empty (it needs at least a BOS)")
+            prompts.append(p)
         for i, p in enumerate(prompts):
-            if p.ndim != 1:
-                raise ValueError(f"prompt {i} must be a flat list of ids, got shape {p.shape}")
             try:
                 check_input_ids(p.reshape(1, -1), vocab_size, max_len)
             except ValueError as err:
@@ -374,6 +389,8 @@ def generate(
     check_sampling_args(
         cfg.max_position_embeddings, int(lengths.max()), max_new_tokens, temperature, top_k, top_p
     )
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+        raise ValueError(f"eos_id must be in [0, vocab_size={cfg.vocab_size}), got {eos_id}")
     if speculative_mtp and not model.num_mtp:
         raise ValueError(
             "speculative_mtp needs MTP weights; this model has none "

@@ -284,25 +284,19 @@ def train(cfg, workdir: str) -> dict:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.time()
             steps_done, last_step = step - last_step, step
-            # The first step's time is mostly compilation: no throughput for it.
             first = step == start_step + 1
-            metrics["tokens_per_s"] = (
-                float("nan") if first else steps_done * tokens_per_step / max(now - last, 1e-9)
-            )
+            if not first:  # the first step's time is mostly compilation: no throughput
+                metrics["tokens_per_s"] = steps_done * tokens_per_step / max(now - last, 1e-9)
             metrics["lr"] = float(schedule(step - 1))
             last = now
-            log.info(
-                "step %d | loss %.4f | ce %.4f | mtp %.4f | lr %.2e | grad_norm %.3f | %.0f tok/s | "
-                "expert load max/mean %.2f",
-                step,
-                metrics["loss"],
-                metrics["ce"],
-                metrics.get("mtp_ce", float("nan")),
-                metrics["lr"],
-                metrics["grad_norm"],
-                metrics["tokens_per_s"],
-                metrics["load_max_over_mean"],
-            )
+            parts = [f"step {step}", f"loss {metrics['loss']:.4f}", f"ce {metrics['ce']:.4f}"]
+            if "mtp_ce" in metrics:
+                parts.append(f"mtp {metrics['mtp_ce']:.4f}")
+            parts += [f"lr {metrics['lr']:.2e}", f"grad_norm {metrics['grad_norm']:.3f}"]
+            if "tokens_per_s" in metrics:
+                parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
+            parts.append(f"expert load max/mean {metrics['load_max_over_mean']:.2f}")
+            log.info(" | ".join(parts))
             for k, v in metrics.items():
                 writer.add_scalar(f"train/{k}", v, step)
         if step % t.eval_every == 0 or step == t.steps:

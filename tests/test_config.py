@@ -122,3 +122,9 @@ def test_from_hf_rejects_other_architectures():
     raw["model_type"] = "llama"
     with pytest.raises(ValueError, match="model_type 'llama'"):
         ModelConfig.from_hf(raw)
+
+
+def test_from_hf_names_a_broken_config_json(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": ')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        ModelConfig.from_hf(tmp_path)

@@ -188,6 +188,13 @@ def test_float32_round_trip_is_bit_exact(name, tmp_path):
     cfg_a = dsv3_jax.ModelConfig.from_hf(src)
     cfg_b = dsv3_jax.ModelConfig.from_hf(tmp_path / "hf")
     assert cfg_a == cfg_b
+    # Outputs get a plain mkdir/open's modes (not the private modes of their temporary folder).
+    mask = os.umask(0)
+    os.umask(mask)
+    for out in (tmp_path / "o", tmp_path / "hf"):
+        for path in [out, *out.rglob("*")]:
+            want = (0o777 if path.is_dir() else 0o666) & ~mask
+            assert path.stat().st_mode & 0o777 == want, path
 
 
 def test_round_tripped_directory_gives_golden_logits(tmp_path):

@@ -88,6 +88,11 @@ def test_sampling_is_seeded_and_streams(model):
         (dict(max_new_tokens=2, temperature=-1.0), "temperature"),
         (dict(max_new_tokens=2, top_p=0.0), "top_p"),
         (dict(max_new_tokens=2, top_k=0), "top_k"),
+        (dict(max_new_tokens=2, temperature=float("nan")), "temperature"),
+        (dict(max_new_tokens=2, temperature=float("inf")), "temperature"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an int"),
+        (dict(max_new_tokens=2, top_k=2.5), "top_k"),
+        (dict(max_new_tokens=2, eos_id=10**10), "eos_id"),
     ],
 )
 def test_generate_rejects_bad_arguments(model, kwargs, match):
@@ -148,8 +153,10 @@ def test_streamed_tokens_are_the_output(model):
 
 
 def test_generate_rejects_bad_prompts(model):
-    with pytest.raises(ValueError, match="prompt 1"):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, [[0, 1], []], 2)
+    with pytest.raises(ValueError, match="prompt 1 must be a flat list"):
+        generate(model, [[0, 1], [0, [1, 2]]], 2)
     with pytest.raises(ValueError, match="prompt 0.*vocab_size"):
         generate(model, [[0, 99]], 2)
     with pytest.raises(ValueError, match="MTP"):
