@@ -151,7 +151,7 @@ def train_step(graphdef, tx, weights: LossWeights, params, biases, opt_state, to
         "loss": loss,
         "ce": metrics["ce"],
         "balance": metrics["balance"],
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "load_max_over_mean": (load.max(-1) / load.mean(-1)).max() if load.size else jnp.float32(1),
     }
     if "mtp_ce" in metrics:
