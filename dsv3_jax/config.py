@@ -8,6 +8,7 @@ which reads both the official checkpoint's ``rope_scaling`` and transformers 5.x
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from collections.abc import Mapping
@@ -42,6 +43,49 @@ class RopeScaling:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Any, *, strict: bool = True) -> RopeScaling | None:
+        """YaRN parameters from the mapping form config.json uses (or a ConfigDict).
+
+        Reads ``type`` (official ``rope_scaling``) or ``rope_type`` (transformers 5.x
+        ``rope_parameters``); ``rope_theta`` inside the mapping is ignored here (it is
+        ``ModelConfig.rope_theta``). A type of ``"default"`` (plain RoPE) gives None.
+
+        Args:
+          d: a Mapping, ``ml_collections.ConfigDict`` or a ``RopeScaling`` (returned as is).
+          strict: reject keys that are not RopeScaling fields (False: ignore them, as for a
+            config.json written by other tools).
+
+        Raises:
+          TypeError: ``d`` is not a mapping.
+          ValueError: an unknown key (strict), naming it.
+        """
+        if isinstance(d, RopeScaling):
+            return d
+        raw = _as_dict(d, "ModelConfig.rope_scaling")
+        raw.pop("rope_theta", None)
+        rope_type = raw.pop("rope_type", None) or raw.pop("type", None) or "default"
+        raw.pop("type", None)
+        known = {f.name for f in dataclasses.fields(cls)} - {"rope_type"}
+        unknown = sorted(set(raw) - known)
+        if unknown and strict:
+            raise ValueError(
+                f"ModelConfig.rope_scaling has unknown keys {unknown}; known: 'type' or "
+                f"'rope_type', {', '.join(repr(k) for k in sorted(known))}"
+            )
+        if rope_type == "default":
+            return None
+        return cls(rope_type=rope_type, **{k: v for k, v in raw.items() if k in known})
+
+
+def _as_dict(value: Any, name: str) -> dict[str, Any]:
+    """A plain dict from a Mapping or an ``ml_collections.ConfigDict`` (nested values kept)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if hasattr(value, "keys") and hasattr(value, "__getitem__"):  # ConfigDict, FrozenConfigDict
+        return {k: value[k] for k in value.keys()}
+    raise TypeError(f"{name} must be a mapping of fields, got {type(value).__name__}: {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +146,9 @@ class ModelConfig:
     attention_kernel: str = "reference"
 
     def __post_init__(self):
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            # The dict form config.json uses: {"type": "yarn", "factor": 40, ...}.
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
         for name in ("dtype", "param_dtype"):  # accept jnp.bfloat16, np.dtype, "bfloat16" alike
             value = getattr(self, name)
             if not isinstance(value, str):
@@ -273,18 +320,9 @@ class ModelConfig:
         rope = raw.get("rope_parameters") or raw.get("rope_scaling")
         if rope is not None and not isinstance(rope, Mapping):
             raise ValueError(f"ModelConfig.rope_scaling must be a mapping, got {rope!r}")
-        rope = dict(rope or {})
-        if "rope_theta" in rope:
-            kwargs["rope_theta"] = rope.pop("rope_theta")
-        rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
-        rope.pop("type", None)
-        if rope_type == "default":
-            kwargs["rope_scaling"] = None
-        else:
-            known = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
-            kwargs["rope_scaling"] = RopeScaling(
-                rope_type=rope_type, **{k: v for k, v in rope.items() if k in known}
-            )
+        if rope and "rope_theta" in rope:
+            kwargs["rope_theta"] = rope["rope_theta"]
+        kwargs["rope_scaling"] = RopeScaling.from_dict(rope or {}, strict=False)
         for key in ("rope_interleave",):
             if raw.get(key) is None:
                 kwargs.pop(key, None)
@@ -316,8 +354,44 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        d = dict(d)
-        if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    def from_dict(cls, d: Any) -> ModelConfig:
+        """A config from a mapping of its fields: ``to_dict()``'s output, a ``configs/*.py``
+        ``get_config().model`` (an ``ml_collections.ConfigDict``) or a plain dict.
+
+        ``rope_scaling`` may be a RopeScaling, None, or the mapping form config.json uses.
+
+        Raises:
+          TypeError: ``d`` is not a mapping.
+          ValueError: a key that is not a ModelConfig field (named, with the closest field), or
+            any value ``validate`` rejects.
+        """
+        d = _as_dict(d, "ModelConfig.from_dict's argument")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, fields, n=1)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"unknown ModelConfig fields: {', '.join(hints)}")
         return cls(**d)
+
+    @classmethod
+    def coerce(cls, config: Any, name: str = "config") -> ModelConfig:
+        """``config`` as a ModelConfig: returned as is, or built with :meth:`from_dict` from a
+        mapping / ConfigDict of fields. The one conversion every public function applies.
+
+        Raises:
+          TypeError: ``config`` is neither a ModelConfig nor a mapping (names ``name``).
+          ValueError: as :meth:`from_dict`.
+        """
+        if isinstance(config, cls):
+            return config
+        try:
+            fields = _as_dict(config, name)
+        except TypeError:
+            raise TypeError(
+                f"{name} must be a dsv3_jax.ModelConfig or a mapping of its fields (e.g. a "
+                f"configs/*.py get_config().model), got {type(config).__name__}"
+            ) from None
+        return cls.from_dict(fields)

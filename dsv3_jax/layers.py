@@ -3,6 +3,10 @@
 Every parameter is created here with its logical axis names (``out_sharding`` metadata: embed, vocab,
 heads, q_lora, kv_lora, mlp, experts; ``layers`` is added by the layer scan). A later issue maps the
 names to a device mesh. Kernels are stored [in, out] (HF stores [out, in]; conversion transposes).
+
+Implementation settings (``config.IMPLEMENTATION_FIELDS``: computation dtype, kernels, ...) are
+never copied into a module: every module keeps the ModelConfig and reads it when called, so
+``model.with_implementation`` (which swaps the config of every module) changes the whole model.
 """
 
 from __future__ import annotations
@@ -57,11 +61,11 @@ class Linear(nnx.Module):
     """Bias-free projection, kernel [in, out] with logical axes ``axes``."""
 
     def __init__(self, in_features: int, out_features: int, axes, config: ModelConfig, *, rngs):
+        self.config = config
         self.kernel = param(rngs, (in_features, out_features), axes, config)
-        self.dtype = dtype_of(config.dtype)
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
-        return linear(x, self.kernel[...], self.dtype, out_dtype)
+        return linear(x, self.kernel[...], dtype_of(self.config.dtype), out_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -73,27 +77,29 @@ class RMSNorm(nnx.Module):
             out_sharding=(axis,),
             eager_sharding=eager_sharding(),
         )
+        self.config = config
         self.eps = config.rms_norm_eps if eps is None else eps
-        self.dtype = dtype_of(config.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         # HF casts back to the input dtype before the weight multiply.
-        return (self.weight[...].astype(jnp.float32) * xf.astype(x.dtype)).astype(self.dtype)
+        out = self.weight[...].astype(jnp.float32) * xf.astype(x.dtype)
+        return out.astype(dtype_of(self.config.dtype))
 
 
 class Embed(nnx.Module):
     """Token embedding [vocab_size, hidden_size]."""
 
     def __init__(self, config: ModelConfig, *, rngs):
+        self.config = config
         self.embedding = param(
             rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config
         )
-        self.dtype = dtype_of(config.dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)  # [b, s, d]
+        dtype = dtype_of(self.config.dtype)
+        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)  # [b, s, d]
 
 
 class MLP(nnx.Module):

@@ -237,7 +237,11 @@ def _dense_attention(q_nope, q_rope, k_nope, k_rope, value, q_pos, k_pos, cfg) -
 def init_cache(
     config: ModelConfig, num_layers: int, batch: int, max_len: int, dtype=None
 ) -> LatentCache:
-    """Zero cache for ``num_layers`` stacked layers: c_kv [l, b, t, c], k_rope [l, b, t, r]."""
+    """Zero cache for ``num_layers`` stacked layers: c_kv [l, b, t, c], k_rope [l, b, t, r].
+
+    ``config`` is a ModelConfig or a mapping of its fields; ``dtype`` defaults to config.dtype.
+    """
+    config = ModelConfig.coerce(config)
     dtype = dtype_of(config.dtype) if dtype is None else dtype
     return LatentCache(
         jnp.zeros((num_layers, batch, max_len, config.kv_lora_rank), dtype),
@@ -250,8 +254,12 @@ def kv_cache_bytes_per_token(config: ModelConfig, dtype=None) -> int:
 
     Main-model layers only (the MTP module's cache is not counted). ``dtype`` defaults to the
     config's computation dtype. For the 671B config in bfloat16: (512 + 64) x 61 x 2 = 70,272 bytes
-    (V3 report section 2.1.1).
+    (V3 report section 2.1.1). ``config`` may be a mapping of the fields (``ModelConfig.coerce``).
+
+    Raises:
+      TypeError: ``config`` is neither a ModelConfig nor a mapping.
     """
+    config = ModelConfig.coerce(config)
     dtype = dtype_of(config.dtype) if dtype is None else dtype
     width = config.kv_lora_rank + config.qk_rope_head_dim
     return width * config.num_hidden_layers * jnp.dtype(dtype).itemsize

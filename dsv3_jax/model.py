@@ -113,6 +113,7 @@ class DeepseekV3(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, mtp: bool = True):
+        config = ModelConfig.coerce(config)
         self.config = config
         self.embed_tokens = Embed(config, rngs=rngs)
         n_dense, n_moe = config.num_dense_layers, config.num_moe_layers
@@ -281,20 +282,45 @@ class DeepseekV3(nnx.Module):
 
 
 def with_implementation(model: DeepseekV3, **changes) -> DeepseekV3:
-    """Switches implementation fields (``config.IMPLEMENTATION_FIELDS``, e.g. ``mla_decode``,
-    ``attention_kernel``, ``moe_impl``) of a built model in place; the weights are untouched.
+    """Switches implementation settings of a built model, in place, for every layer.
 
-    Returns the model. Raises ValueError for a field that would change the architecture.
+    The settings are ``config.IMPLEMENTATION_FIELDS`` of the one ModelConfig that every module
+    keeps and reads when called (``dtype``: computation dtype of every layer, embedding, norms
+    and output head included; ``attention_kernel``; ``mla_decode``; ``moe_impl``; ``remat``), so
+    replacing it here changes the whole model. ``param_dtype`` casts the stored weights (the
+    router kernel and the correction biases stay float32, as they are built).
+
+    Args:
+      model: a built or loaded DeepseekV3.
+      **changes: implementation fields and their new values (validated as ModelConfig does).
+
+    Returns:
+      The same model.
+
+    Raises:
+      ValueError: a field that is not an implementation field (it would change the
+        architecture), or a value ModelConfig rejects (naming the field).
     """
+    from dsv3_jax.moe import Router  # noqa: PLC0415 (moe imports layers; model imports both)
+
     bad = sorted(set(changes) - set(IMPLEMENTATION_FIELDS))
     if bad:
         raise ValueError(
             f"only implementation fields {IMPLEMENTATION_FIELDS} can change, got {bad}"
         )
-    config = model.config.replace(**changes)
+    old = model.config
+    config = old.replace(**changes)
+    param_dtype = jnp.dtype(config.param_dtype)
+    cast = config.param_dtype != old.param_dtype
     for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module) and isinstance(getattr(node, "config", None), ModelConfig):
+        if not isinstance(node, nnx.Module):
+            continue
+        if isinstance(getattr(node, "config", None), ModelConfig):
             node.config = config
+        if cast and not isinstance(node, Router):
+            for var in vars(node).values():
+                if isinstance(var, nnx.Param):
+                    var.set_value(var.get_value().astype(param_dtype))
     return model
 
 
@@ -326,7 +352,14 @@ def count_params(config: ModelConfig) -> tuple[int, int]:
     experts a token does not use: (n_routed_experts - num_experts_per_tok) / n_routed_experts of
     each MoE layer's routed-expert weights. The correction bias is a buffer, not a parameter.
     For the 671B config: about 671B total and 37B activated (V3 report, section 1).
+
+    Args:
+      config: a ModelConfig, or a mapping / ConfigDict of its fields (``ModelConfig.coerce``).
+
+    Raises:
+      TypeError: ``config`` is neither. ValueError: a bad field, named.
     """
+    config = ModelConfig.coerce(config)
     abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=False))
     params = nnx.state(abstract, nnx.Param)
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -46,7 +46,11 @@ def route(scores: jax.Array, bias: jax.Array, config: ModelConfig) -> tuple[jax.
 
     Returns:
       (weights float32 [m, k], expert ids int32 [m, k]); matches HF ``DeepseekV3TopkRouter``.
+
+    Raises:
+      TypeError: ``config`` is neither a ModelConfig nor a mapping of its fields.
     """
+    config = ModelConfig.coerce(config)
     e, g = config.n_routed_experts, config.n_group
     biased = scores + bias  # [m, e]
     if g > 1:

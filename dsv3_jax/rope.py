@@ -44,6 +44,7 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     Returns:
       float32 [r/2].
     """
+    config = ModelConfig.coerce(config)
     r = config.qk_rope_head_dim
     base = float(config.rope_theta)
     pos_freqs = base ** (np.arange(0, r, 2, dtype=np.float32) / np.float32(r))
@@ -71,6 +72,7 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
 
 def rope_attention_factor(config: ModelConfig) -> float:
     """Factor on cos and sin: HF's YaRN ``attention_factor`` (1.0 for V3, where mscale == mscale_all_dim)."""
+    config = ModelConfig.coerce(config)
     rs = config.rope_scaling
     if rs is None:
         return 1.0
@@ -88,6 +90,7 @@ def softmax_scale(config: ModelConfig) -> float:
     mscale = 0.1 * mscale_all_dim * ln(factor) + 1 (1.3689 for V3, so the scale is 0.135234).
     Applied whenever YaRN is configured, whatever the sequence length (as HF does).
     """
+    config = ModelConfig.coerce(config)
     scale = config.qk_head_dim**-0.5
     rs = config.rope_scaling
     if rs is not None and rs.mscale_all_dim:

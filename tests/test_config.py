@@ -128,3 +128,63 @@ def test_from_hf_names_a_broken_config_json(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": ')
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
         ModelConfig.from_hf(tmp_path)
+
+
+# ---------------------------------------------------------------- issue 8: config files' values
+def test_public_functions_take_a_config_files_fields():
+    """count_params & co accept get_config().model (a ConfigDict) and plain dicts of fields."""
+    import jax.numpy as jnp
+
+    from configs import deepseek_v3_671b, shakespeare
+    from dsv3_jax import kv_cache_bytes_per_token
+    from dsv3_jax.rope import softmax_scale
+
+    big = deepseek_v3_671b.get_config().model
+    assert count_params(big) == count_params(ModelConfig())
+    assert kv_cache_bytes_per_token(big, jnp.bfloat16) == (512 + 64) * 61 * 2  # 70,272 (report)
+    assert abs(softmax_scale(dict(big)) - 0.135234) < 1e-6  # V3's YaRN-scaled softmax scale
+    demo = shakespeare.get_config().model
+    total, active = count_params(demo)
+    assert (total, active) == count_params(ModelConfig.from_dict(demo))
+    assert ModelConfig.coerce(dict(TINY)) == ModelConfig(**TINY)
+
+
+@pytest.mark.parametrize("bad", [3, "config.json", [("hidden_size", 32)], None])
+def test_public_functions_name_the_expected_type(bad):
+    from dsv3_jax import DeepseekV3, kv_cache_bytes_per_token
+
+    for fn in (count_params, kv_cache_bytes_per_token, lambda c: DeepseekV3(c, rngs=None)):
+        with pytest.raises(TypeError, match="ModelConfig or a mapping of its fields"):
+            fn(bad)
+
+
+def test_from_dict_names_unknown_fields():
+    with pytest.raises(ValueError, match=r"'hiden_size' \(did you mean 'hidden_size'\?\)"):
+        ModelConfig.from_dict({**TINY, "hiden_size": 3})
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        # official config.json
+        {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        # transformers 5.x rope_parameters (rope_theta inside is ModelConfig.rope_theta's)
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+         "original_max_position_embeddings": 4096, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ],
+)  # fmt: skip
+def test_rope_scaling_accepts_the_config_json_dict(form):
+    c = ModelConfig(rope_scaling=form)
+    assert c.rope_scaling == ModelConfig().rope_scaling
+    assert ModelConfig(rope_scaling={"type": "default"}).rope_scaling is None
+    assert ModelConfig.from_dict(c.to_dict()) == c
+
+
+def test_rope_scaling_dict_errors_name_the_key():
+    with pytest.raises(ValueError, match="unknown keys \\['factr'\\]"):
+        ModelConfig(rope_scaling={"type": "yarn", "factr": 40})
+    with pytest.raises(ValueError, match="rope_type 'longrope'"):
+        ModelConfig(rope_scaling={"type": "longrope", "factor": 4})
+    with pytest.raises(TypeError, match="rope_scaling must be a mapping"):
+        ModelConfig(rope_scaling="yarn")
