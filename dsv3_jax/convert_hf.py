@@ -16,7 +16,9 @@ the layer being read and the layer being written:
 the correction bias float32) in safetensors shards with ``model.safetensors.index.json``.
 
 Both directions write into a temporary sibling folder and rename it when complete: an output never
-looks complete until it is, and an existing output is replaced only with ``overwrite=True``.
+looks complete until it is, and an existing output is replaced only with ``overwrite=True``. An
+output that is the input, inside it or containing it is refused; temporary folders that killed
+conversions left are removed by the next conversion to the same output (see ``_Output``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -50,6 +53,7 @@ from dsv3_jax.hf_io import (
     layer_groups,
     open_hf_checkpoint,
     quantize,
+    read_json,
     to_float32,
 )
 from dsv3_jax.model import DeepseekV3
@@ -70,25 +74,57 @@ def is_converted(path: str | os.PathLike) -> bool:
     meta = os.path.join(os.fspath(path), META)
     if not os.path.exists(meta):
         return False
-    with open(meta) as f:
-        return json.load(f).get("format") == FORMAT
+    content = read_json(meta)
+    return isinstance(content, dict) and content.get("format") == FORMAT
 
 
 # ----------------------------------------------------------------------------- output folders
 class _Output:
-    """Writes into ``<out>.tmp-XXXX`` and renames it to ``out`` on commit (removed on failure)."""
+    """The output folder of a conversion, written in a private temporary sibling and renamed to
+    ``out`` when complete (the temporary folder is removed on failure).
 
-    def __init__(self, out: str | os.PathLike, overwrite: bool):
+    Refused before anything is written or deleted: an output that is the input, lies inside it or
+    contains it (symlinks, relative paths and trailing slashes resolved), and an existing output
+    without ``overwrite``. Use as a context manager: entering creates the parent folders and the
+    temporary folder ``<out>.tmp-<host>-<pid>-XXXXXXXX``; a replaced output moves to
+    ``<out>.old-<host>-<pid>-XXXXXXXX`` until the new one is in place, then is removed.
+
+    Entering also removes what earlier conversions to the same output left when they were killed:
+    folders of those two forms named with this host and the pid of a process that no longer exists
+    (an ``.old-`` one only once ``out`` exists, since until then it holds the previous output). A
+    folder of a live pid (a conversion still running, or a reused pid), of another host, or of
+    another form is kept, and a warning gives its path and size.
+
+    Raises:
+      ValueError: the output overlaps the input (``src``).
+      FileExistsError: ``out`` exists and not ``overwrite``.
+    """
+
+    def __init__(
+        self, out: str | os.PathLike, overwrite: bool, src: str | os.PathLike | None = None
+    ):
         self.out = os.path.abspath(os.fspath(out))
-        if os.path.exists(self.out) and not overwrite:
+        self.overwrite = overwrite
+        self.tmp = None
+        if src is not None:
+            _refuse_overlap(src, out)
+        self._refuse_existing()
+
+    def _refuse_existing(self):
+        if os.path.lexists(self.out) and not self.overwrite:
             raise FileExistsError(
                 f"output {self.out} exists; choose a new folder or pass --overwrite"
             )
-        parent = os.path.dirname(self.out)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.out) + ".tmp-", dir=parent)
+
+    def _temp(self, kind: str) -> str:
+        prefix = f"{os.path.basename(self.out)}.{kind}-{_HOST}-{os.getpid()}-"
+        return tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(self.out))
 
     def __enter__(self):
+        os.makedirs(os.path.dirname(self.out), exist_ok=True)
+        _remove_stale(self.out)
+        self._refuse_existing()  # again: it may have appeared meanwhile
+        self.tmp = self._temp("tmp")
         return self
 
     def __exit__(self, kind, err, tb):
@@ -97,16 +133,94 @@ class _Output:
             return False
         _default_permissions(self.tmp)
         old = None
-        if os.path.exists(self.out):  # --overwrite: keep the old one until the new one is in place
-            old = tempfile.mkdtemp(
-                prefix=os.path.basename(self.out) + ".old-", dir=os.path.dirname(self.out)
-            )
+        if os.path.lexists(self.out):  # --overwrite: keep the old one until the new one is in place
+            old = self._temp("old")
             os.rmdir(old)
             os.rename(self.out, old)
         os.rename(self.tmp, self.out)
         if old:
-            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+            shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
         return False
+
+
+_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+
+
+def _refuse_overlap(src: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Raises ValueError if ``out`` is ``src``, inside it, or contains it (paths resolved)."""
+    a, b = os.path.realpath(os.fspath(src)), os.path.realpath(os.fspath(out))
+    if a == b:
+        why = "is the input"
+    elif os.path.commonpath([a, b]) == a:
+        why = "is inside the input"
+    elif os.path.commonpath([a, b]) == b:
+        why = "contains the input"
+    else:
+        return
+    raise ValueError(
+        f"output {os.fspath(out)} {why} {os.fspath(src)} (resolved: {b} and {a}); writing there "
+        "would replace or delete the input: choose an output folder outside it"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _folder_bytes(path: str) -> int:
+    total = 0
+    for folder, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(folder, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _remove_stale(out: str) -> None:
+    """Removes the temporary folders that killed conversions to ``out`` left (see _Output)."""
+    parent, base = os.path.dirname(out), os.path.basename(out)
+    for entry in sorted(os.listdir(parent)):
+        kind = next((k for k in ("tmp", "old") if entry.startswith(f"{base}.{k}-")), None)
+        if kind is None:
+            continue
+        path = os.path.join(parent, entry)
+        parts = entry[len(base) + len(kind) + 2 :].rsplit("-", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            why = "not named by this version (no host and pid)"
+        elif parts[0] != _HOST:
+            why = f"written from host {parts[0]}"
+        elif _pid_alive(int(parts[1])):
+            why = f"pid {parts[1]} is alive: a conversion may still be writing it"
+        elif kind == "old" and not os.path.lexists(out):
+            why = f"it may hold the previous {base}, which a killed --overwrite run moved there"
+        else:
+            size = _folder_bytes(path)
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.lexists(path):
+                log.info(
+                    "removed %s (%.2f GB), left by a conversion (pid %s) that did not finish",
+                    path,
+                    size / 1e9,
+                    parts[1],
+                )
+                continue
+            why = "it could not be removed"
+        log.warning(
+            "kept %s (%.2f GB), a temporary folder of another conversion to %s: %s; remove it "
+            "yourself once no conversion is writing it",
+            path,
+            _folder_bytes(path) / 1e9,
+            out,
+            why,
+        )
 
 
 def _default_permissions(root: str) -> None:
@@ -195,18 +309,18 @@ def hf_to_orbax(
       {"tensors": HF tensors read, "bytes": their bytes in the files, "seconds", "groups"}.
 
     Raises:
+      ValueError: ``output_dir`` is ``hf_dir``, inside it or contains it (symlinks resolved).
       FileExistsError: ``output_dir`` exists and not ``overwrite``.
       FileNotFoundError / CheckpointError: as :func:`dsv3_jax.hf_io.open_hf_checkpoint`; nothing
         is written then.
     """
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
-    out = _Output(output_dir, overwrite)  # refuses an existing output before any work
-    try:
-        ck = open_hf_checkpoint(hf_dir, dtype, drop_mtp=drop_mtp)
-    except BaseException:
-        shutil.rmtree(out.tmp, ignore_errors=True)
-        raise
+    src = os.fspath(hf_dir)
+    if os.path.isfile(src) and os.path.basename(src) == "config.json":
+        src = os.path.dirname(os.path.abspath(src))
+    out = _Output(output_dir, overwrite, src)  # refuses a bad output before any work
+    ck = open_hf_checkpoint(hf_dir, dtype, drop_mtp=drop_mtp)
     files, config = ck.files, ck.config
     block = files.block
     groups = ck.groups()
@@ -326,8 +440,7 @@ def _check_mtp_copies(files, layer: int) -> None:
 
 # ----------------------------------------------------------------------------- reading ours
 def _read_meta(path: str) -> dict:
-    with open(os.path.join(path, META)) as f:
-        return json.load(f)
+    return read_json(os.path.join(path, META))
 
 
 def _restore_group(ckptr, path: str) -> dict[tuple, np.ndarray]:
@@ -484,6 +597,8 @@ def orbax_to_hf(
       {"tensors", "bytes" (written), "seconds", "shards"}.
 
     Raises:
+      ValueError: ``output_dir`` is ``checkpoint_dir``, inside it or contains it (symlinks
+        resolved).
       FileExistsError: ``output_dir`` exists and not ``overwrite``.
       FileNotFoundError: no converted folder or training checkpoint at ``checkpoint_dir``.
       CheckpointError: a compact-vocabulary training checkpoint (its ids are not the tokenizer's).
@@ -492,34 +607,29 @@ def orbax_to_hf(
 
     limit = parse_size(max_shard_size)
     src = None if _model is not None else os.path.abspath(os.fspath(checkpoint_dir))
-    out = _Output(output_dir, overwrite)
-    try:
-        if _model is not None:
-            meta = {"vocab": None}
-            config, has_mtp, stored_block = _model.config, _model.num_mtp > 0, None
-            hf_config = config.to_hf()
-            model_groups = _model_groups(_model)
-        elif is_converted(src):
-            meta = _read_meta(src)
-            config = ModelConfig.from_dict(meta["model_config"])
-            with open(os.path.join(src, "config.json")) as f:
-                hf_config = json.load(f)
-            has_mtp, stored_block = meta["mtp"], meta.get("weight_block_size")
-            model_groups = None
-        else:
-            model, meta = ckpt_lib.load_checkpoint(src)
-            if meta.get("vocab"):
-                raise CheckpointError(
-                    f"{src} was trained on a compact vocabulary of {len(meta['vocab'])} ids; its "
-                    "embedding rows are not the tokenizer's ids, so it has no HF form"
-                )
-            config, has_mtp, stored_block = model.config, model.num_mtp > 0, None
-            hf_config = config.to_hf()
-            model_groups = _model_groups(model)
-            del model
-    except BaseException:
-        shutil.rmtree(out.tmp, ignore_errors=True)
-        raise
+    out = _Output(output_dir, overwrite, src)
+    if _model is not None:
+        meta = {"vocab": None}
+        config, has_mtp, stored_block = _model.config, _model.num_mtp > 0, None
+        hf_config = config.to_hf()
+        model_groups = _model_groups(_model)
+    elif is_converted(src):
+        meta = _read_meta(src)
+        config = ModelConfig.from_dict(meta["model_config"])
+        hf_config = read_json(os.path.join(src, "config.json"))
+        has_mtp, stored_block = meta["mtp"], meta.get("weight_block_size")
+        model_groups = None
+    else:
+        model, meta = ckpt_lib.load_checkpoint(src)
+        if meta.get("vocab"):
+            raise CheckpointError(
+                f"{src} was trained on a compact vocabulary of {len(meta['vocab'])} ids; its "
+                "embedding rows are not the tokenizer's ids, so it has no HF form"
+            )
+        config, has_mtp, stored_block = model.config, model.num_mtp > 0, None
+        hf_config = config.to_hf()
+        model_groups = _model_groups(model)
+        del model
     block = tuple(
         stored_block
         or (hf_config.get("quantization_config") or {}).get("weight_block_size", (128, 128))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Callable
 
@@ -37,6 +38,12 @@ log = logging.getLogger("dsv3_jax")
 
 Reader = Callable[[Callable[[str], np.ndarray]], np.ndarray]
 SCALE_SUFFIX = "_scale_inv"
+INDEX = "model.safetensors.index.json"
+# safetensors dtype names a weight may have; FP8 only on projection weights (with a scale), whose
+# scale is float32 (bf16 accepted).
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+SCALE_DTYPES = ("F32", "BF16")
+_MAY_BE_FP8 = re.compile(r"_proj(_with_mqa)?(\.weight)?$")  # q/kv/o, MLP, experts (fused), eh
 FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
 # safetensors (0.8) looks the F8_E4M3 dtype up on numpy, which only ml_dtypes defines.
 if not hasattr(np, "float8_e4m3fn"):
@@ -170,47 +177,59 @@ class SafetensorsDir:
     Reads tensor by tensor (``safe_open`` maps the file; nothing else stays in memory). FP8
     weights are paired with their ``*_scale_inv`` wherever the index puts it.
 
+    Where each tensor comes from: with a ``model.safetensors.index.json``, its ``weight_map``
+    decides for every name it lists (a copy of such a name in any other file, e.g. a consolidated
+    ``model.safetensors`` or a stale shard beside the shards, is ignored with a warning); files
+    outside the index may only add names the index does not list (the MTP shard transformers
+    does not index). A name the index does not list, held by two files, is an error; so is, without
+    an index, any name held by two files.
+
     Args:
       path: the directory.
       block: the FP8 weight block (rows, cols), or None for an unquantized checkpoint.
 
     Raises:
-      FileNotFoundError: no safetensors file, or a shard named by the index missing.
-      CheckpointError: a truncated or corrupt safetensors file (named).
+      FileNotFoundError: no safetensors file, or a shard named by the index missing (both named).
+      CheckpointError: an index that is not JSON or has no ``weight_map`` object; a truncated or
+        corrupt safetensors file (named); tensors that two files both supply (both named).
     """
 
     def __init__(self, path: str | os.PathLike, block: tuple[int, int] | None = None):
         self.path = os.fspath(path)
         self.block = block
-        index = os.path.join(self.path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
-            weight_map = {}
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {self.path}")
-        missing = [f for f in files if not os.path.exists(os.path.join(self.path, f))]
+        index = os.path.join(self.path, INDEX)
+        weight_map = _read_weight_map(index) if os.path.exists(index) else {}
+        indexed = sorted(set(weight_map.values()))
+        missing = [f for f in indexed if not os.path.isfile(os.path.join(self.path, f))]
         if missing:
+            example = next(n for n, f in sorted(weight_map.items()) if f == missing[0])
             raise FileNotFoundError(
-                f"shard files named by the index are missing in {self.path}: {missing}"
+                f"{index} names shard files missing from {self.path}: {missing} (e.g. "
+                f"{example} -> {missing[0]})"
             )
-        # Files not in the index (e.g. extra MTP shards) are read too.
         extra = sorted(
-            f for f in os.listdir(self.path) if f.endswith(".safetensors") and f not in files
+            f
+            for f in os.listdir(self.path)
+            if f.endswith(".safetensors") and f not in weight_map.values()
         )
+        if not indexed and not extra:
+            raise FileNotFoundError(f"no *.safetensors files in {self.path}")
         self.file_of: dict[str, str] = {}
         self.shape_of: dict[str, tuple[int, ...]] = {}
         self.dtype_of: dict[str, str] = {}  # safetensors dtype names: F32, BF16, F8_E4M3, ...
         self.nbytes_of: dict[str, int] = {}
-        for fname in files + extra:
+        holders: dict[str, list[str]] = {}  # names the index does not list -> files holding them
+        for fname in indexed + extra:
             full = os.path.join(self.path, fname)
+            shadowed = []  # names the index assigns to another file
             try:
                 with safe_open(full, framework="numpy") as f:
                     for name in f.keys():
-                        if weight_map and fname in files and weight_map.get(name, fname) != fname:
+                        if name in weight_map and weight_map[name] != fname:
+                            shadowed.append(name)
+                            continue
+                        holders.setdefault(name, []).append(fname)
+                        if name in self.file_of:
                             continue
                         sl = f.get_slice(name)
                         self.file_of[name] = fname
@@ -223,6 +242,28 @@ class SafetensorsDir:
             for name, (start, end) in _data_offsets(full).items():
                 if self.file_of.get(name) == fname:
                     self.nbytes_of[name] = end - start
+            if shadowed:
+                log.warning(
+                    "%s holds %d tensor(s) that %s assigns to other files (e.g. %s); the index "
+                    "decides: those copies are ignored",
+                    full,
+                    len(shadowed),
+                    INDEX,
+                    shadowed[0],
+                )
+        clashes: dict[tuple[str, ...], list[str]] = {}
+        for name, fnames in holders.items():
+            if len(fnames) > 1:
+                clashes.setdefault(tuple(fnames), []).append(name)
+        if clashes:
+            where = "not listed by its " + INDEX if weight_map else f"and no {INDEX} says which"
+            raise CheckpointError(
+                f"tensors supplied by more than one file in {self.path} ({where}): "
+                + "; ".join(
+                    f"{len(names)} in both {' and '.join(fnames)} (e.g. {sorted(names)[:3]})"
+                    for fnames, names in sorted(clashes.items())
+                )
+            )
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
@@ -267,12 +308,47 @@ class SafetensorsDir:
         if self.block is not None:
             for n in fp8:
                 s = n + SCALE_SUFFIX
-                if s in names and self.shape_of[s] != scale_grid(self.shape_of[n], self.block):
+                if len(self.shape_of[n]) < 2:
+                    out.append(f"FP8 tensor {n} has shape {self.shape_of[n]}, not [..., o, i]")
+                elif s in names and self.shape_of[s] != scale_grid(self.shape_of[n], self.block):
                     out.append(
                         f"scale shape mismatch for {s}: file has {self.shape_of[s]}, weight "
                         f"{n} {self.shape_of[n]} in {self.block[0]}x{self.block[1]} blocks needs "
                         f"{scale_grid(self.shape_of[n], self.block)}"
                     )
+        return out
+
+    def dtype_problems(self, ignore: tuple[str, ...] = ()) -> list[str]:
+        """Tensors whose stored dtype cannot be what they hold (from the headers only).
+
+        Weights are float (F64/F32/F16/BF16), or FP8 where a block scale belongs (projection
+        weights: names ending in ``_proj`` / ``_proj_with_mqa``, ``.weight`` or fused); scales are
+        float32 or bfloat16. Names starting with one of ``ignore`` are skipped.
+        """
+        names = sorted(n for n in self.names() if not (ignore and n.startswith(ignore)))
+        scales = [n for n in names if n.endswith(SCALE_SUFFIX)]
+        weights = [n for n in names if not n.endswith(SCALE_SUFFIX)]
+        out = []
+        non_float = [
+            (n, self.dtype_of[n])
+            for n in weights
+            if self.dtype_of[n] not in FLOAT_DTYPES and not self.is_fp8(n)
+        ]
+        if non_float:
+            out.append(f"tensors of a non-float dtype ({len(non_float)}): {non_float}")
+        stray_fp8 = [
+            (n, self.dtype_of[n])
+            for n in weights
+            if self.is_fp8(n) and not _MAY_BE_FP8.search(n)
+        ]
+        if stray_fp8:
+            out.append(
+                f"FP8 tensors where no scale belongs (only projection weights are FP8) "
+                f"({len(stray_fp8)}): {stray_fp8}"
+            )
+        bad_scales = [(n, self.dtype_of[n]) for n in scales if self.dtype_of[n] not in SCALE_DTYPES]
+        if bad_scales:
+            out.append(f"scales not float32 or bfloat16 ({len(bad_scales)}): {bad_scales}")
         return out
 
     def _raw(self, name: str) -> np.ndarray:
@@ -340,6 +416,45 @@ def _data_offsets(path: str) -> dict[str, tuple[int, int]]:
             f"{path} is truncated: {size} bytes, its header describes {end} bytes of tensors"
         )
     return out
+
+
+def read_json(path: str) -> object:
+    """A JSON file's content.
+
+    Raises:
+      CheckpointError: the file is not valid JSON (or not UTF-8), naming ``path``.
+    """
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+
+
+def _read_weight_map(index: str) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of an index file.
+
+    Raises:
+      CheckpointError: not JSON, no ``weight_map`` object, an empty one, or an entry that is not
+        a name -> ``*.safetensors`` file name in the same folder (``index`` named).
+    """
+    raw = read_json(index)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{index} has no weight_map (a non-empty JSON object from tensor name to shard file)"
+        )
+    bad = [
+        (k, v)
+        for k, v in weight_map.items()
+        if not isinstance(v, str) or os.path.basename(v) != v or not v.endswith(".safetensors")
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{index}: weight_map entries that are not a *.safetensors file name in the same "
+            f"folder ({len(bad)}): {bad[:5]}"
+        )
+    return weight_map
 
 
 # ----------------------------------------------------------------------------- conversion table
@@ -543,9 +658,12 @@ def open_hf_checkpoint(
     Raises:
       FileNotFoundError: no directory, no config.json, no safetensors, a shard named by the index
         missing.
-      CheckpointError: an unsupported quantization_config; a truncated or corrupt file; every
-        missing, unexpected and mis-shaped tensor, every FP8 tensor without a scale and every
-        scale without a tensor, in one message.
+      CheckpointError: a config.json or index that is not JSON, an index without a
+        ``weight_map``, an invalid config field or unsupported quantization_config (the file
+        named); a truncated or corrupt file; a tensor two files both supply (see
+        :class:`SafetensorsDir`); every missing, unexpected and mis-shaped tensor, every tensor of
+        a non-float dtype (FP8 only on projection weights, scales float32/bf16), every FP8 tensor
+        without a scale and every scale without a tensor, in one message.
     """
     path = os.fspath(path)
     if os.path.isfile(path) and os.path.basename(path) == "config.json":
@@ -555,13 +673,17 @@ def open_hf_checkpoint(
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"no HF config.json at {cfg_path}")
-    with open(cfg_path) as f:
-        hf_config = json.load(f)
-    block = quant_block_size(hf_config)
+    hf_config = read_json(cfg_path)
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{cfg_path} is not a JSON object (got {type(hf_config).__name__})")
     dtype_name = jnp.dtype(dtype).name
-    config = ModelConfig.from_hf(
-        hf_config, dtype=dtype_name, param_dtype=dtype_name, **config_overrides
-    )
+    try:
+        block = quant_block_size(hf_config)
+        config = ModelConfig.from_hf(
+            hf_config, dtype=dtype_name, param_dtype=dtype_name, **config_overrides
+        )
+    except ValueError as err:  # CheckpointError included: name the file
+        raise CheckpointError(f"{cfg_path}: {err}") from None
     files = SafetensorsDir(path, block)
     names = {n for n in files.names() if not n.endswith("rotary_emb.inv_freq")}  # old HF buffers
     scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
@@ -603,6 +725,7 @@ def open_hf_checkpoint(
     complete = {p: e for p, e in table.items() if all(n in names for n in e[1])}
     problems += _shape_problems(complete, flat, files)
     problems += files.fp8_problems(ignore=mtp_prefixes if drop_mtp else ())
+    problems += files.dtype_problems(ignore=mtp_prefixes if drop_mtp else ())
     if problems:
         raise CheckpointError(
             f"checkpoint {path} does not fit its config:\n  " + "\n  ".join(problems)
