@@ -157,7 +157,9 @@ def test_training_gradients_through_the_pallas_flash_attention():
 
         grads.append(jax.grad(loss)(params))
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-3)
+        # float32 rounding relative to the tensor's scale (small elements beside large ones)
+        scale = max(1.0, float(np.abs(np.asarray(a)).max()))
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5 * scale, rtol=1e-3)
 
 
 def test_expert_choices_equal_float64_routing_of_each_layers_input(model):
