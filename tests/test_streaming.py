@@ -1,11 +1,19 @@
-"""data.StreamDecoder with the real DeepSeek-V3 tokenizer: streamed text == the full decode."""
+"""Streamed text == the full decode: data.StreamDecoder with the real DeepSeek-V3 tokenizer, and
+sample.py's stdout for a model that emits pieces of multi-byte characters."""
 
+import re
+
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from conftest import run_script
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_config import TINY
 
-from dsv3_jax import data
+from dsv3_jax import DeepseekV3, ModelConfig, checkpoint, data, generate
 
 TOKENIZER = data.load_tokenizer()
 FFFD = "\ufffd"
@@ -145,3 +153,60 @@ def test_numpy_rows_are_accepted():
     ids = np.asarray(ids_of("日本語"), np.int32)
     decoder = data.StreamDecoder(TOKENIZER)
     assert decoder.push(ids[None, :]) + decoder.finish() == "日本語"
+
+
+# ------------------------------------------------------------------------------------ sample.py
+@pytest.fixture(scope="module")
+def byte_model_dir(tmp_path_factory):
+    """A full-vocabulary tiny checkpoint whose head favours the bytes of "🚀日本語é\ufffda ".
+
+    Sampled with top_k=6 it emits those single-byte ids in random order: characters split over
+    steps, invalid bytes and (for the seed used below) a stop in the middle of a character.
+    """
+    path = tmp_path_factory.mktemp("byte_model")
+    config = ModelConfig(**{**TINY, "vocab_size": 129_280})
+    model = DeepseekV3(config, rngs=nnx.Rngs(0))
+    favoured = sorted({BYTE[b] for b in "🚀日本語é\ufffda ".encode()})
+    w = np.random.default_rng(0).normal(size=(config.hidden_size, config.vocab_size)) * 0.01
+    w[:, favoured] *= 35
+    model.lm_head.kernel[...] = jnp.asarray(w, jnp.float32)
+    manager = ocp.CheckpointManager(
+        checkpoint.checkpoint_dir(path),
+        options=ocp.CheckpointManagerOptions(create=True),
+        item_handlers={
+            "model": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
+    )
+    meta = checkpoint.meta_for(config, None, mtp=True)
+    manager.save(
+        0,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(nnx.state(model)), meta=ocp.args.JsonSave(meta)
+        ),
+    )
+    manager.wait_until_finished()
+    manager.close()
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("speculative", [False, True], ids=["1-token", "2-token"])
+def test_sample_py_stdout_is_the_decode_of_the_generated_ids(byte_model_dir, cli_env, speculative):
+    flags = ["--max_new_tokens=16", "--temperature=1.0", "--top_k=6", "--seed=0"]
+    flags += ["--speculative_mtp"] * speculative
+    r = run_script(["sample.py", f"--workdir={byte_model_dir}", "--prompt=日本", *flags], cli_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # The same generation through the library, decoded at once.
+    model, _ = checkpoint.load_checkpoint(byte_model_dir)
+    prompt = data.encode_document(TOKENIZER, "日本").tolist()
+    row, stats = generate(
+        model, [prompt], 16, temperature=1.0, top_k=6, seed=0, eos_id=data.EOS_ID,
+        speculative_mtp=speculative, return_stats=True,
+    )  # fmt: skip
+    text = data.decode(TOKENIZER, row[0][len(prompt) :])
+    assert text.endswith(FFFD) and text.count(FFFD) >= 5  # ends mid-character, invalid bytes
+    assert r.stdout == "日本" + text + "\n"
+    if speculative:  # some steps really emitted two ids
+        accepted = re.search(r"speculative MTP: (\d+)/", r.stderr)
+        assert accepted and int(accepted.group(1)) == stats.accepted > 0
