@@ -103,6 +103,9 @@ def main(argv):
             sys.maxsize, 1, _MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value
         )
         model, meta = checkpoint.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value, _STEP.value)
+    except checkpoint.DamagedCheckpointError as err:
+        earlier = err.earlier_steps
+        _fail(f"{err}; sample an earlier one with --step={earlier[-1]}" if earlier else str(err))
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     if _SPECULATIVE.value and not model.num_mtp:
