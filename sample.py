@@ -47,19 +47,22 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Print cache size and speed to st
 
 
 class _Streamer:
-    """Prints row 0's decoded text as tokens arrive, holding back incomplete UTF-8 characters."""
+    """Prints row 0's text as its ids arrive (the generate callback); `finish` prints the rest."""
 
     def __init__(self, tokenizer, vocab):
-        self.tokenizer, self.vocab, self.ids, self.printed = tokenizer, vocab, [], ""
+        self.decoder = data.StreamDecoder(tokenizer, vocab)
 
     def __call__(self, new: list[list[int]]) -> None:
-        ids = np.asarray(new[0], np.int64)
-        self.ids.extend(self.vocab.to_original(ids).tolist() if self.vocab else ids.tolist())
-        text = data.decode(self.tokenizer, self.ids)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(self.printed) :])
+        self._write(self.decoder.push(new[0]))
+
+    def finish(self) -> None:
+        self._write(self.decoder.finish())
+
+    @staticmethod
+    def _write(text: str) -> None:
+        if text:
+            sys.stdout.write(text)
             sys.stdout.flush()
-            self.printed = text
 
 
 def _fail(message: str):
@@ -100,6 +103,9 @@ def main(argv):
             sys.maxsize, 1, _MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value
         )
         model, meta = checkpoint.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value, _STEP.value)
+    except checkpoint.DamagedCheckpointError as err:
+        earlier = err.earlier_steps
+        _fail(f"{err}; sample an earlier one with --step={earlier[-1]}" if earlier else str(err))
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     if _SPECULATIVE.value and not model.num_mtp:
@@ -137,8 +143,8 @@ def main(argv):
             f"attention {cfg.mla_decode}/{cfg.attention_kernel}; {jax.default_backend()}]",
             file=sys.stderr,
         )
-    stream = len(prompts) == 1
-    if stream:
+    streamer = _Streamer(tokenizer, vocab) if len(prompts) == 1 else None
+    if streamer is not None:
         sys.stdout.write(_PROMPT.value[0])
     start = time.perf_counter()
     out, stats = sampling.generate(
@@ -150,12 +156,13 @@ def main(argv):
         top_p=_TOP_P.value,
         seed=_SEED.value,
         eos_id=eos if _STOP_AT_EOS.value else None,
-        callback=_Streamer(tokenizer, vocab) if stream else None,
+        callback=streamer,
         speculative_mtp=_SPECULATIVE.value,
         return_stats=True,
     )
     seconds = time.perf_counter() - start
-    if stream:
+    if streamer is not None:
+        streamer.finish()
         sys.stdout.write("\n")
     else:
         for i, (text, ids, row) in enumerate(zip(_PROMPT.value, prompts, out, strict=True)):

@@ -21,6 +21,25 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepseekV3
 
 
+class DamagedCheckpointError(ValueError):
+    """A kept checkpoint step whose files cannot be read (damaged, truncated or missing).
+
+    Attributes: step (int), path (the step folder), earlier_steps (kept steps before it, sorted).
+    """
+
+    def __init__(self, step: int, path: str, kept: list[int], cause: BaseException):
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__  # the innermost error says what failed
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."
+        self.step, self.path = step, path
+        self.earlier_steps = sorted(s for s in kept if s < step)
+        super().__init__(
+            f"checkpoint step {step} at {path} cannot be read, its files are damaged or "
+            f"incomplete ({type(cause).__name__}: {reason}); kept steps: {sorted(kept)}"
+        )
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
     return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
 
@@ -86,6 +105,8 @@ def load_checkpoint(
 
     Raises:
       FileNotFoundError: no checkpoint there, or not of that step (the kept steps are listed).
+      DamagedCheckpointError: (a ValueError) the step's files cannot be read; the message names
+        the step folder, the first line of the underlying error and the kept steps.
     """
     from dsv3_jax import convert_hf  # noqa: PLC0415 (convert_hf imports this module lazily too)
 
@@ -131,17 +152,29 @@ def load_checkpoint(
         raise FileNotFoundError(
             f"no complete checkpoint of step {step} in {ckpt}; kept steps: {sorted(kept)}"
         )
-    meta = restore_meta(manager, step)
+    try:
+        meta = restore_meta(manager, step)
+    except MemoryError:
+        raise
+    except Exception as err:  # orbax/TensorStore raise bare Exception with a spec dump
+        manager.close()
+        raise DamagedCheckpointError(step, os.path.join(ckpt, str(step)), kept, err) from err
     config = ModelConfig.from_dict({**meta["model_config"], **config_overrides})
     abstract = nnx.eval_shape(
         lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=meta.get("mtp", True))
     )
     graphdef, abstract_state = nnx.split(abstract)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target))
-    )
-    manager.close()
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target))
+        )
+    except MemoryError:
+        raise
+    except Exception as err:
+        raise DamagedCheckpointError(step, os.path.join(ckpt, str(step)), kept, err) from err
+    finally:
+        manager.close()
     meta = dict(meta, step=step)
     return nnx.merge(graphdef, restored["model"]), meta
 

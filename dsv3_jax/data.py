@@ -144,6 +144,53 @@ def decode(tokenizer: tokenizers.Tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
+class StreamDecoder:
+    """Turns ids that arrive a few at a time into text, as soon as the text is certain.
+
+    Contract: ``"".join(push(ids) for ids in pieces) + finish()`` equals
+    ``decode(tokenizer, all ids)`` for any split of the ids into pieces (e.g. one or two per
+    generation step), including ids that end in the middle of a multi-byte character (its bytes
+    come out as the decoder's U+FFFD at the end) and text holding a literal U+FFFD.
+
+    The byte-level decoder turns the incomplete bytes of a character into U+FFFD, which cannot be
+    told from a literal U+FFFD, so trailing U+FFFD are held back until a later character follows
+    them or ``finish`` is called. Ids are kept only back to the last character boundary: once the
+    decoded text ends in an ordinary character, decoding restarts from the next id.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, vocab: "CompactVocab | None" = None):
+        """Args: tokenizer: from `load_tokenizer`. vocab: maps the ids pushed (compact ids, as
+        the model emits them) to the tokenizer's ids; None: the ids are the tokenizer's."""
+        self._tokenizer, self._vocab = tokenizer, vocab
+        self._ids: list[int] = []  # original ids since the last character boundary
+        self._sent = 0  # characters of decode(self._ids) already returned
+
+    def push(self, ids) -> str:
+        """Takes the next ids (int array-like, any shape) and returns the text they make certain.
+
+        Raises:
+            ValueError: a compact id outside the vocabulary (see `CompactVocab.to_original`).
+        """
+        ids = np.asarray(ids, np.int64).reshape(-1)  # [n]
+        if self._vocab is not None:
+            ids = self._vocab.to_original(ids)
+        self._ids.extend(int(i) for i in ids)
+        text = decode(self._tokenizer, self._ids)
+        certain = text.rstrip("\ufffd")
+        out = certain[self._sent :]
+        if len(certain) == len(text):  # ends in a whole character: a boundary, start afresh
+            self._ids, self._sent = [], 0
+        else:
+            self._sent = len(certain)
+        return out
+
+    def finish(self) -> str:
+        """Returns the text held back (trailing U+FFFD, as the full decode has them) and resets."""
+        out = decode(self._tokenizer, self._ids)[self._sent :]
+        self._ids, self._sent = [], 0
+        return out
+
+
 # ----------------------------------------------------------------------------- token cache
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import threading
 import warnings
 from collections.abc import Callable
@@ -100,14 +101,26 @@ def sample_token(logits, key, temperature, *, top_k=None, top_p=None, greedy=Fal
     return _choose(logits, key, temperature, Sampler(greedy, top_k, top_p))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_sampling_args(
     max_len: int, prompt_len: int, max_new_tokens: int, temperature: float, top_k, top_p
 ) -> None:
-    """Raises ValueError naming the argument that cannot work (see :func:`generate`)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+    """Raises ValueError naming the argument of the wrong type or value (see :func:`generate`)."""
+    if not _is_int(max_new_tokens):
         raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))):
+    if top_k is not None and not _is_int(top_k):
         raise ValueError(f"top_k must be an int or None, got {top_k!r}")
+    if not _is_real(temperature):
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_p is not None and not _is_real(top_p):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
     if not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if max_new_tokens < 0:
@@ -366,7 +379,7 @@ def generate(
       max_new_tokens: tokens to add per prompt (>= 0).
       temperature: 0 means greedy argmax; > 0 divides the logits before sampling.
       top_k: keep the k most likely tokens (None: all). top_p: nucleus mass in (0, 1] (None: all).
-      seed: PRNG seed for sampling.
+      seed: PRNG seed for sampling, an int in [-2**63, 2**63).
       eos_id: stop a row after it emits this id (kept in its output); None: never stop early.
       callback: streaming; called after each step with one list per row of the ids that row
         gained (empty for finished rows; up to 2 ids when speculating).
@@ -380,8 +393,9 @@ def generate(
       tokens up to and including EOS. With ``return_stats``, a (result, stats) pair.
 
     Raises:
-      ValueError: bad ids, a bad sampling argument, s + max_new_tokens > max_position_embeddings,
-        or ``speculative_mtp`` on a model without MTP modules.
+      ValueError: bad ids; an argument of the wrong type (e.g. a str temperature) or value, named
+        in the message; s + max_new_tokens > max_position_embeddings; or ``speculative_mtp`` on a
+        model without MTP modules.
     """
     cfg = model.config
     prompts, as_array = _as_prompts(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
@@ -389,6 +403,15 @@ def generate(
     check_sampling_args(
         cfg.max_position_embeddings, int(lengths.max()), max_new_tokens, temperature, top_k, top_p
     )
+    if not _is_int(seed) or not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [-2**63, 2**63), got {seed!r}")
+    if eos_id is not None and not _is_int(eos_id):
+        raise ValueError(f"eos_id must be an int or None, got {eos_id!r}")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable or None, got {callback!r}")
+    for name, flag in (("speculative_mtp", speculative_mtp), ("return_stats", return_stats)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         raise ValueError(f"eos_id must be in [0, vocab_size={cfg.vocab_size}), got {eos_id}")
     if speculative_mtp and not model.num_mtp:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,6 +146,30 @@ def test_sample_errors_name_the_fault(straight_run, env):
     assert r.returncode != 0 and "max_position_embeddings" in r.stderr and r.stdout == ""
     r = _run(["sample.py", f"--workdir={workdir}", "--prompt=Hello, 2024 emoji \N{ROCKET}"], env)
     assert r.returncode != 0 and "never saw in training" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_names_a_damaged_checkpoint_and_an_earlier_step(straight_run, env, tmp_path):
+    workdir = tmp_path / "damaged"
+    shutil.copytree(straight_run[0], workdir)
+    data_files = sorted((workdir / "checkpoints" / "8" / "model").rglob("d/*"))
+    biggest = max(data_files, key=lambda f: f.stat().st_size)
+    biggest.write_bytes(b"\0" * biggest.stat().st_size)  # a disk error: same size, zeros
+    r = _run(["sample.py", f"--workdir={workdir}", "--max_new_tokens=3"], env)
+    assert r.returncode != 0 and r.stdout == "" and "Traceback" not in r.stderr
+    error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "TensorStore" not in r.stderr, r.stderr[-3000:]
+    assert error[0].startswith(
+        f"error: checkpoint step 8 at {workdir / 'checkpoints' / '8'} cannot be read, its files "
+        "are damaged or incomplete ("
+    )
+    assert error[0].endswith("; kept steps: [6, 8]; sample an earlier one with --step=6")
+    r = _run(["sample.py", f"--workdir={workdir}", "--max_new_tokens=3", "--step=6"], env)
+    assert r.returncode == 0 and "[checkpoint step 6," in r.stderr  # the suggestion works
+    from dsv3_jax import checkpoint
+
+    with pytest.raises(checkpoint.DamagedCheckpointError, match="step 8 at .* cannot be read") as e:
+        checkpoint.load_checkpoint(workdir)
+    assert (e.value.step, e.value.earlier_steps) == (8, [6])
 
 
 @pytest.mark.parametrize(

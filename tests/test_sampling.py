@@ -93,6 +93,21 @@ def test_sampling_is_seeded_and_streams(model):
         (dict(max_new_tokens=2.5), "max_new_tokens must be an int"),
         (dict(max_new_tokens=2, top_k=2.5), "top_k"),
         (dict(max_new_tokens=2, eos_id=10**10), "eos_id"),
+        # Wrong types name the argument (a str from a config file or a command line).
+        (dict(max_new_tokens="2"), "max_new_tokens must be an int, got '2'"),
+        (dict(max_new_tokens=2, temperature="0.8"), "temperature must be a number >= 0, got '0.8'"),
+        (dict(max_new_tokens=2, temperature=True), "temperature must be a number"),
+        (dict(max_new_tokens=2, top_k="5"), "top_k must be an int or None, got '5'"),
+        (
+            dict(max_new_tokens=2, top_p="0.9"),
+            r"top_p must be a number in \(0, 1\] or None, got '0.9'",
+        ),
+        (dict(max_new_tokens=2, seed="1"), "seed must be an int in .*, got '1'"),
+        (dict(max_new_tokens=2, seed=1.0), "seed must be an int in .*, got 1.0"),
+        (dict(max_new_tokens=2, seed=2**64), "seed must be an int in"),
+        (dict(max_new_tokens=2, eos_id="1"), "eos_id must be an int or None, got '1'"),
+        (dict(max_new_tokens=2, callback="print"), "callback must be callable or None"),
+        (dict(max_new_tokens=2, speculative_mtp="no"), "speculative_mtp must be a bool, got 'no'"),
     ],
 )
 def test_generate_rejects_bad_arguments(model, kwargs, match):
@@ -220,3 +235,19 @@ def test_speculative_sampling_keeps_the_distribution(small_model, temperature, t
         assert chi2 < dof + 5 * np.sqrt(2 * dof), (spec, chi2, dof)  # about 5 sigma
         if spec:
             assert 0 < stats.accepted < stats.drafted
+
+
+def test_numpy_scalar_arguments_are_accepted(model):
+    prompt = np.array([[0, 5, 9]])
+    want = generate(model, prompt, 4, temperature=0.5, top_p=0.9, top_k=8, seed=3, eos_id=1)
+    got = generate(
+        model,
+        prompt,
+        np.int64(4),
+        temperature=np.float32(0.5),
+        top_p=np.float64(0.9),
+        top_k=np.int32(8),
+        seed=np.int64(3),
+        eos_id=np.int32(1),
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
