@@ -61,7 +61,7 @@ def test_notebook_runs_on_a_tiny_checkpoint(tiny_run, tmp_path, monkeypatch):
     batch = _stdout(_cell(nb, "sampled = generate("))
     assert batch.count("--- greedy\n") == 3 and batch.count("--- sampled") == 3
     first_greedy = batch.split("--- greedy\n")[1].split("\n--- sampled")[0]
-    streamed = _stdout(_cell(nb, "callback=Streamer()"))
+    streamed = _stdout(_cell(nb, "callback=streamer"))
     assert streamed == first_greedy and len(streamed) > len("ROMEO:")
     spec_out = _stdout(_cell(nb, "speculative_mtp=True"))
     assert "same tokens as plain greedy: True" in spec_out and "acceptance rate" in spec_out
