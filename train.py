@@ -33,6 +33,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _config_error(err: BaseException, argv: list[str]) -> str:
+    """One line naming the flag at fault, from the exception chain ml_collections raises."""
     chain = []  # outermost first
     while err is not None:
         chain.append(err)

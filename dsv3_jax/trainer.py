@@ -242,8 +242,8 @@ def train(cfg, workdir: str) -> dict:
 
     Raises:
       RunConfigError: a setting that cannot work, a workdir holding a run of another model or a
-        non-finite latest checkpoint, data ids outside ``model.vocab_size``. Nothing is written
-        (the workdir is not created) before these checks pass.
+        non-finite latest checkpoint, data ids outside ``model.vocab_size``. A workdir that did
+        not exist is created only after every check but the last two has passed.
       NonFiniteError: see above; the checkpoints saved before stay as they are.
     """
     check_run_config(cfg, workdir)
