@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
             balance_alpha=1e-4,
             bias_gamma=1e-3,
             seed=0,
+            # A step with a non-finite loss or gradient norm stops the run; with skip_nonfinite it
+            # is skipped (no update), unless more than max_consecutive_skips come in a row.
+            skip_nonfinite=False,
+            max_consecutive_skips=10,
             log_every=20,
             eval_every=120,
             save_every=120,

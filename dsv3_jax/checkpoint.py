@@ -86,6 +86,25 @@ def restore_meta(manager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """True if :func:`load_checkpoint` reads ``path``: a training workdir (``checkpoints/``), a
+    ``checkpoints`` folder (``<step>/`` folders), one step folder, or a converted HF folder.
+
+    A training workdir holds a config.json too, so callers telling checkpoints from HF folders ask
+    this first.
+    """
+    from dsv3_jax import convert_hf  # noqa: PLC0415
+
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        return False
+    if convert_hf.is_converted(path) or os.path.isdir(os.path.join(path, "checkpoints")):
+        return True
+    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "model")):
+        return True
+    return any(d.isdigit() and os.path.isdir(os.path.join(path, d)) for d in os.listdir(path))
+
+
 def load_checkpoint(
     path: str | os.PathLike, step: int | None = None, dtype=None, **config_overrides
 ) -> tuple[DeepseekV3, dict]:

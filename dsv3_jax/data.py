@@ -229,6 +229,22 @@ def _cache_is_valid(cache_dir: pathlib.Path, expected: dict) -> dict | None:
     return meta
 
 
+def _expected_meta() -> tuple[dict, dict]:
+    """({split: {name: text}}, the meta.json fields a current cache of those texts must have)."""
+    splits = dict(zip(SPLITS, shakespeare_texts(), strict=True))
+    tokenizer_hash = _sha256(tokenizer_path().read_bytes())
+    expected = {"version": CACHE_VERSION, "tokenizer_sha256": tokenizer_hash}
+    for split, docs in splits.items():
+        text_hash = _sha256(json.dumps(docs, sort_keys=True).encode())
+        expected[split] = {"names": list(docs), "text_sha256": text_hash}
+    return splits, expected
+
+
+def token_cache_is_current(cache_dir: str | os.PathLike) -> bool:
+    """True if `build_token_cache(cache_dir)` would reuse the cache (and so write nothing)."""
+    return _cache_is_valid(pathlib.Path(cache_dir), _expected_meta()[1]) is not None
+
+
 def build_token_cache(cache_dir: str | os.PathLike, verbose: bool = True) -> dict:
     """Tokenizes every document once into `train.bin`/`val.bin` + `meta.json`, or reuses them.
 
@@ -243,12 +259,7 @@ def build_token_cache(cache_dir: str | os.PathLike, verbose: bool = True) -> dic
     """
     cache_dir = pathlib.Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    splits = dict(zip(SPLITS, shakespeare_texts(), strict=True))
-    tokenizer_hash = _sha256(tokenizer_path().read_bytes())
-    expected = {"version": CACHE_VERSION, "tokenizer_sha256": tokenizer_hash}
-    for split, docs in splits.items():
-        text_hash = _sha256(json.dumps(docs, sort_keys=True).encode())
-        expected[split] = {"names": list(docs), "text_sha256": text_hash}
+    splits, expected = _expected_meta()
     meta = _cache_is_valid(cache_dir, expected)
     if meta is None:
         (cache_dir / "meta.json").unlink(missing_ok=True)

@@ -138,25 +138,87 @@ def split_model(model: DeepseekV3):
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4, 5))
-def train_step(graphdef, tx, weights: LossWeights, params, biases, opt_state, tokens):
-    """One optimizer step. Returns (params, biases, opt_state, metrics)."""
+@functools.partial(
+    jax.jit,
+    static_argnums=(0, 1, 2),
+    static_argnames=("skip_nonfinite",),
+    donate_argnums=(3, 4, 5),
+)
+def train_step(
+    graphdef, tx, weights: LossWeights, params, biases, opt_state, tokens, skip_nonfinite=False
+):
+    """One optimizer step. Returns (params, biases, opt_state, metrics).
+
+    ``metrics["finite"]`` (bool scalar) says whether the loss and the gradient norm are finite. With
+    ``skip_nonfinite`` a non-finite step changes nothing: params, biases and optimizer state (its
+    step count included) come back as they went in.
+    """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, metrics), grads = grad_fn(params, biases, graphdef, tokens, weights)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    biases = apply_bias_update(biases, metrics, weights.bias_gamma)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new = (
+        optax.apply_updates(params, updates),
+        apply_bias_update(biases, metrics, weights.bias_gamma),
+        new_opt_state,
+    )
+    if skip_nonfinite:
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, (params, biases, opt_state))
+    params, biases, opt_state = new
     load = metrics["main_load"]
     out = {
         "loss": loss,
         "ce": metrics["ce"],
         "balance": metrics["balance"],
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "load_max_over_mean": (load.max(-1) / load.mean(-1)).max() if load.size else jnp.float32(1),
+        "finite": finite,
     }
     if "mtp_ce" in metrics:
         out["mtp_ce"] = metrics["mtp_ce"]
     return params, biases, opt_state, out
+
+
+def new_nonfinite_tracker() -> dict:
+    """Device-side record of non-finite steps, updated by :func:`track_nonfinite`."""
+    zero = jnp.zeros((), jnp.int32)
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    return {"skipped": zero, "run": zero, "stop_step": zero, "stop_loss": nan, "stop_grad": nan}
+
+
+@jax.jit
+def track_nonfinite(tracker: dict, metrics: dict, step, limit):
+    """Counts non-finite steps without a host sync; marks the step where the run must stop.
+
+    Args:
+      tracker: from :func:`new_nonfinite_tracker`: ``skipped`` (non-finite steps so far), ``run``
+        (consecutive non-finite steps up to now), ``stop_step`` (0, or the first step at which
+        ``run`` exceeded ``limit``) with that step's ``stop_loss`` and ``stop_grad`` (grad norm).
+      metrics: a :func:`train_step` output (``finite``, ``loss``, ``grad_norm``).
+      step: the 1-based step just taken.
+      limit: consecutive non-finite steps allowed (0: stop at the first).
+    """
+    bad = ~metrics["finite"]
+    loss, grad_norm = (metrics[k].astype(jnp.float32) for k in ("loss", "grad_norm"))
+    run = jnp.where(bad, tracker["run"] + 1, 0)
+    stop = (tracker["stop_step"] == 0) & (run > limit)
+    return {
+        "skipped": tracker["skipped"] + bad.astype(jnp.int32),
+        "run": run,
+        "stop_step": jnp.where(stop, step, tracker["stop_step"]),
+        "stop_loss": jnp.where(stop, loss, tracker["stop_loss"]),
+        "stop_grad": jnp.where(stop, grad_norm, tracker["stop_grad"]),
+    }
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True if every float array of ``tree`` (params, optimizer state, ...) is finite."""
+    checks = [
+        jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.stack(checks).all() if checks else jnp.bool_(True)
 
 
 @functools.partial(jax.jit, static_argnums=0)

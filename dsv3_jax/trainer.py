@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import platform
+import signal
+import tempfile
 import time
 from collections.abc import Mapping
 
@@ -48,8 +50,9 @@ def model_config(cfg, vocab: data.CompactVocab | None) -> ModelConfig:
 def init_from(cfg, vocab: data.CompactVocab | None, train_tokens, val_tokens) -> DeepseekV3:
     """The model to fine-tune: weights and architecture from ``cfg.init_from``.
 
-    ``cfg.init_from`` is a ``convert.py hf_to_orbax`` folder (original tokenizer ids), a training
-    workdir or checkpoint, or an HF directory. The implementation knobs
+    ``cfg.init_from`` is, in the order it is recognised: a training workdir, its ``checkpoints``
+    folder or one ``checkpoints/<step>`` folder; a ``convert.py hf_to_orbax`` folder (original
+    tokenizer ids); an HF directory (config.json + safetensors). The implementation knobs
     (``IMPLEMENTATION_FIELDS``: dtypes, remat, moe_impl, attention choices) come from
     ``cfg.model``; its architecture fields are ignored (a warning lists those that differ from
     the checkpoint's).
@@ -69,13 +72,12 @@ def init_from(cfg, vocab: data.CompactVocab | None, train_tokens, val_tokens) ->
     }
     dtype = cfg.model.get("param_dtype", "float32")
     try:
-        if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
-            os.path.join(path, "meta.json")
-        ):
-            model, saved_vocab = load_hf_checkpoint(path, dtype, **knobs), None
-        else:
+        # A training workdir also holds a config.json: look for checkpoints before HF files.
+        if checkpoint.is_checkpoint(path) or not os.path.isfile(os.path.join(path, "config.json")):
             model, meta = checkpoint.load_checkpoint(path, dtype=dtype, **knobs)
             saved_vocab = meta.get("vocab")
+        else:
+            model, saved_vocab = load_hf_checkpoint(path, dtype, **knobs), None
     except (FileNotFoundError, CheckpointError, ValueError) as err:
         raise RunConfigError(f"config.init_from={path!r}: {err}") from err
     mcfg = model.config
@@ -146,6 +148,33 @@ class RunConfigError(ValueError):
     """A run config or workdir that cannot work; raised before any data or model work."""
 
 
+class NonFiniteError(RuntimeError):
+    """The loss, gradient norm or training state became non-finite; nothing of it was saved."""
+
+
+def _check_folder(path: str, name: str, *, may_be_read_only=None) -> None:
+    """Raises RunConfigError unless ``path`` is a folder this run can write in, or can create.
+
+    Writability is tested by creating a file (``os.access`` says yes to root on a read-only
+    mount). ``may_be_read_only(path)`` may accept an existing folder that needs no writes.
+    """
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = "exists and is not a directory" if probe == path else f"is under a file, {probe}"
+        raise RunConfigError(f"{name} {path} {what}")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        if probe == path and may_be_read_only is not None and may_be_read_only(path):
+            return
+        where = "" if probe == path else f" (it would be created in {probe})"
+        raise RunConfigError(f"{name} {path} is not writable{where}: {err.strerror}") from err
+
+
 def check_run_config(cfg, workdir: str) -> None:
     """Raises RunConfigError naming the field for settings that cannot work."""
     for section in ("model", "data", "train"):
@@ -154,16 +183,27 @@ def check_run_config(cfg, workdir: str) -> None:
                 f"the config has no '{section}' section (train.py needs model, data and train; "
                 "configs/deepseek_v3_671b.py describes a model only)"
             )
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise RunConfigError(f"--workdir {workdir} exists and is not a directory")
+    _check_folder(workdir, "--workdir")
     t, d = cfg.train, cfg.data
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "data.seq_len": d.seq_len,
                 "data.eval_batch_size": d.eval_batch_size, "train.log_every": t.log_every,
                 "train.eval_every": t.eval_every, "train.save_every": t.save_every, "train.keep": t.keep,
-                "train.lr": t.lr}  # fmt: skip
+                "train.lr": t.lr, "train.clip": t.clip}  # fmt: skip
     for name, value in positive.items():
         if not value > 0:
             raise RunConfigError(f"config.{name} must be > 0, got {value!r}")
+    non_negative = {"train.weight_decay": t.weight_decay, "train.eps": t.eps,
+                    "train.mtp_lambda": t.mtp_lambda, "train.balance_alpha": t.balance_alpha,
+                    "train.bias_gamma": t.bias_gamma,
+                    "train.max_consecutive_skips": t.get("max_consecutive_skips", 0)}  # fmt: skip
+    for name, value in non_negative.items():
+        if not value >= 0:
+            raise RunConfigError(f"config.{name} must be >= 0, got {value!r}")
+    for name in ("b1", "b2"):
+        if not 0 <= t[name] < 1:
+            raise RunConfigError(f"config.train.{name} must be in [0, 1), got {t[name]!r}")
+    if not 0 <= t.seed < 2**32:
+        raise RunConfigError(f"config.train.seed must be in [0, 2**32), got {t.seed!r}")
     if not 0 <= t.min_lr <= t.lr:
         raise RunConfigError(f"config.train.min_lr must be in [0, lr={t.lr}], got {t.min_lr!r}")
     if t.warmup_steps < 0 or not 0 <= t.decay_start_fraction <= 1:
@@ -176,16 +216,37 @@ def check_run_config(cfg, workdir: str) -> None:
             f"config.data.seq_len ({d.seq_len}) exceeds config.model.max_position_embeddings "
             f"({cfg.model.max_position_embeddings})"
         )
+    # A read-only token cache is fine if it is complete (nothing to write).
+    cache_ok = data.token_cache_is_current
+    _check_folder(d.cache_dir, "config.data.cache_dir", may_be_read_only=cache_ok)
+    if cfg.get("init_from"):
+        if not os.path.exists(cfg.init_from):
+            raise RunConfigError(f"config.init_from {cfg.init_from} does not exist")
+    else:  # with init_from the checkpoint's architecture is used, not config.model's
+        _model_config(cfg, None)
+
+
+def _model_config(cfg, vocab) -> ModelConfig:
+    try:
+        return model_config(cfg, vocab)
+    except (TypeError, ValueError) as err:
+        raise RunConfigError(f"config.model: {err}") from err
 
 
 def train(cfg, workdir: str) -> dict:
     """Trains (or resumes) and returns the final metrics (including ``val_loss``).
 
+    A step whose loss or gradient norm is not finite stops the run (``NonFiniteError``) or, with
+    ``train.skip_nonfinite``, is skipped (nothing changes) unless more than
+    ``train.max_consecutive_skips`` come in a row. No checkpoint with a non-finite value is saved.
+
     Raises:
-      RunConfigError: a setting that cannot work, or a workdir holding a run of another model.
+      RunConfigError: a setting that cannot work, a workdir holding a run of another model or a
+        non-finite latest checkpoint, data ids outside ``model.vocab_size``. A workdir that did
+        not exist is created only after every check but the last two has passed.
+      NonFiniteError: see above; the checkpoints saved before stay as they are.
     """
     check_run_config(cfg, workdir)
-    os.makedirs(workdir, exist_ok=True)
     log.info(
         "jax %s on %s, devices %s, python %s",
         jax.__version__,
@@ -194,12 +255,23 @@ def train(cfg, workdir: str) -> dict:
         platform.python_version(),
     )
     t = cfg.train
-    train_tokens, val_tokens, vocab = prepare_data(cfg)
+    skip_nonfinite = bool(t.get("skip_nonfinite", False))
+    max_skips = int(t.get("max_consecutive_skips", 0)) if skip_nonfinite else 0
+    try:
+        train_tokens, val_tokens, vocab = prepare_data(cfg)
+    except OSError as err:
+        raise RunConfigError(f"config.data.cache_dir {cfg.data.cache_dir}: {err}") from err
     if cfg.get("init_from"):
         model = init_from(cfg, vocab, train_tokens, val_tokens)
         mcfg = model.config
     else:
-        mcfg = model_config(cfg, vocab)
+        mcfg = _model_config(cfg, vocab)
+        top = int(max(train_tokens.max(), val_tokens.max()))
+        if top >= mcfg.vocab_size:
+            raise RunConfigError(
+                f"the data holds token id {top} but config.model.vocab_size is {mcfg.vocab_size}; "
+                f"set it above {top} or set config.data.compact_vocab=True"
+            )
         model = DeepseekV3(mcfg, rngs=nnx.Rngs(t.seed))
     log.info(
         "train tokens %d, val tokens %d, vocab %d",
@@ -230,7 +302,23 @@ def train(cfg, workdir: str) -> dict:
         val_tokens, cfg.data.seq_len, cfg.data.eval_batch_size, pad_id=mcfg.bos_token_id
     )
 
+    os.makedirs(workdir, exist_ok=True)  # only now: a run refused above leaves no folder
     manager = checkpoint.make_manager(workdir, t.keep)
+    try:
+        return _train_loop(
+            cfg, workdir, manager, model, mcfg, vocab, schedule, tx, opt_state, weights,
+            data_iter, val, skip_nonfinite, max_skips,
+        )  # fmt: skip
+    finally:  # a stopped run still completes the (good) checkpoint being written
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _train_loop(
+    cfg, workdir, manager, model, mcfg, vocab, schedule, tx, opt_state, weights, data_iter, val,
+    skip_nonfinite, max_skips,
+) -> dict:  # fmt: skip
+    t = cfg.train
     run_config = {"data": cfg.data.to_dict(), "train": cfg.train.to_dict()}
     meta = checkpoint.meta_for(
         mcfg,
@@ -238,6 +326,7 @@ def train(cfg, workdir: str) -> dict:
         model.num_mtp,
         {"run_config": run_config},
     )
+    graphdef, params, biases = train_lib.split_model(model)
     step = manager.latest_step() or 0
     if step:
         saved = checkpoint.restore_meta(manager, step)
@@ -254,6 +343,14 @@ def train(cfg, workdir: str) -> dict:
         model_state, opt_state = checkpoint.restore_training(
             manager, step, nnx.state(model), opt_state, data_iter
         )
+        if not train_lib.all_finite((model_state, opt_state)):  # written by an older version
+            ckpt = checkpoint.checkpoint_dir(workdir)
+            earlier = [s for s in manager.all_steps() if s < step]
+            fix = f"to resume from step {max(earlier)}" if earlier else "to start over"
+            raise RunConfigError(
+                f"the latest checkpoint, step {step} in {ckpt}, holds non-finite (NaN/inf) "
+                f"values; delete {os.path.join(ckpt, str(step))} {fix}, or use a new --workdir"
+            )
         nnx.update(model, model_state)
         graphdef, params, biases = train_lib.split_model(model)
         log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), step)
@@ -274,13 +371,23 @@ def train(cfg, workdir: str) -> dict:
     metrics, last = {}, time.time()
     tokens_per_step = t.batch_size * cfg.data.seq_len
     start_step = last_step = step
+    # Non-finite steps are counted on the device and read at the log/eval/save points, which
+    # sync anyway: no extra host round trip per step.
+    tracker, skipped = train_lib.new_nonfinite_tracker(), 0
     while step < t.steps:
         batch = jnp.asarray(next(data_iter))
         params, biases, opt_state, metrics = train_lib.train_step(
-            graphdef, tx, weights, params, biases, opt_state, batch
+            graphdef, tx, weights, params, biases, opt_state, batch, skip_nonfinite=skip_nonfinite
         )
         step += 1
-        if step % t.log_every == 0 or step == t.steps or step == start_step + 1:
+        tracker = train_lib.track_nonfinite(tracker, metrics, step, max_skips)
+        del metrics["finite"]
+        log_now = step % t.log_every == 0 or step == t.steps or step == start_step + 1
+        eval_now = step % t.eval_every == 0 or step == t.steps
+        save_now = step % t.save_every == 0 or step == t.steps
+        if log_now or eval_now or save_now:
+            skipped = _check_nonfinite(tracker, skipped, step, t, manager, writer)
+        if log_now:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.time()
             steps_done, last_step = step - last_step, step
@@ -299,18 +406,26 @@ def train(cfg, workdir: str) -> dict:
             log.info(" | ".join(parts))
             for k, v in metrics.items():
                 writer.add_scalar(f"train/{k}", v, step)
-        if step % t.eval_every == 0 or step == t.steps:
+        if eval_now:
             metrics["val_loss"] = evaluate(graphdef, params, biases, val)
             log.info("step %d | validation loss %.4f nats/token", step, metrics["val_loss"])
             writer.add_scalar("val/loss", metrics["val_loss"], step)
             last = time.time()
-        if step % t.save_every == 0 or step == t.steps:
+        if save_now:
+            if not train_lib.all_finite((params, biases, opt_state)):
+                writer.close()
+                raise NonFiniteError(
+                    f"step {step}: the model or optimizer state holds non-finite values (the loss "
+                    f"and gradient norm were finite); not saving it; {_last_saved(manager)}"
+                )
             state = nnx.state(nnx.merge(graphdef, params, biases))
             checkpoint.save(manager, step, state, opt_state, data_iter, meta)
-    manager.wait_until_finished()
-    manager.close()
+            if os.environ.get("DSV3_TEST_KILL_IN_SAVE") == str(step):
+                _kill_once_writing(manager, step)
     writer.close()
     metrics["step"] = step
+    if skip_nonfinite:
+        metrics["skipped_steps"] = skipped
     if step == start_step:  # nothing left to train: report the saved model, rewrite nothing
         metrics["val_loss"] = evaluate(graphdef, params, biases, val)
         log.info(
@@ -321,8 +436,65 @@ def train(cfg, workdir: str) -> dict:
         )
         return metrics
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+        json.dump(_json_safe(metrics), f, indent=1, allow_nan=False)
     return metrics
+
+
+def _check_nonfinite(tracker, skipped: int, step: int, t, manager, writer) -> int:
+    """Reads the device-side tracker: logs newly skipped steps, raises NonFiniteError to stop.
+
+    Returns the number of skipped steps so far.
+    """
+    tr = jax.device_get(tracker)
+    stop_step, total = int(tr["stop_step"]), int(tr["skipped"])
+    if stop_step:
+        writer.close()
+        values = f"loss {float(tr['stop_loss']):.4g}, grad_norm {float(tr['stop_grad']):.4g}"
+        if t.get("skip_nonfinite", False):
+            why = (
+                f"{int(t.max_consecutive_skips) + 1} steps in a row up to step {stop_step} had a "
+                f"non-finite loss or gradient norm ({values}), more than "
+                f"config.train.max_consecutive_skips={t.max_consecutive_skips}"
+            )
+        else:
+            why = (
+                f"step {stop_step}: the loss or gradient norm is not finite ({values}); lower "
+                "config.train.lr or set config.train.skip_nonfinite=True to skip such steps"
+            )
+        raise NonFiniteError(f"{why}; training stopped, {_last_saved(manager)}")
+    if total > skipped:
+        log.warning(
+            "skipped %d step(s) with a non-finite loss or gradient norm by step %d (%d in all)",
+            total - skipped,
+            step,
+            total,
+        )
+    return total
+
+
+def _kill_once_writing(manager, step: int) -> None:
+    """Test hook (env DSV3_TEST_KILL_IN_SAVE=<step>): SIGKILL this process while orbax writes
+    step ``step``, as soon as its temporary folder appears."""
+    folder = str(manager.directory)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if any(d.startswith(f"{step}.") and "tmp" in d for d in os.listdir(folder)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.001)
+    raise RuntimeError(f"DSV3_TEST_KILL_IN_SAVE: no temporary folder of step {step} appeared")
+
+
+def _last_saved(manager) -> str:
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    return "nothing was saved" if last is None else f"the latest checkpoint is step {last}"
+
+
+def _json_safe(metrics: dict) -> dict:
+    """Non-finite floats as None (JSON null): the file stays strict JSON."""
+    return {
+        k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in metrics.items()
+    }
 
 
 def _changes(saved: dict, now: dict, prefix: str = "") -> dict:
