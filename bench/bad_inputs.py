@@ -127,13 +127,15 @@ def cases(f: dict) -> list[Case]:
     T(Case("train workdir of another model", train(
         "--config.model.hidden_size=64", workdir=str(run)), "hidden_size"))
     T(Case("train stray argument", [*train(), "extra"], "extra"))
+    T(Case("train diverging lr", train("--config.train.lr=1e6", "--config.train.steps=3",
+           "--config.train.log_every=1"), "not finite"))  # fmt: skip
     # ------------------------------------------------------------------ sample.py
     for flag, fault in [
         ("--temperature=-1", "temperature"), ("--temperature=nan", "temperature"),
         ("--top_k=-3", "top_k"), ("--top_p=1.5", "top_p"), ("--top_p=0", "top_p"),
         ("--max_new_tokens=-1", "max_new_tokens"), ("--max_new_tokens=100000", "max_position"),
         ("--step=999", "999"), ("--mla_decode=fast", "mla_decode"),
-        ("--attention_kernel=cuda", "attention_kernel"), ("--prompt=", "prompt"),
+        ("--attention_kernel=cuda", "attention_kernel"), ("--prompt=\U0001f99c", "never saw"),
         ("--step=-1", "step"),
     ]:  # fmt: skip
         T(Case(f"sample {flag}", sample(flag), fault))
@@ -156,9 +158,9 @@ def cases(f: dict) -> list[Case]:
     T(Case("convert onto its parent", [*h2o, f"--hf_dir={tmp / 'par' / 'hf'}",
            f"--output_dir={tmp / 'par'}", "--overwrite"], "par",
            setup=lambda t: shutil.copytree(hf, t / "par" / "hf")))  # fmt: skip
-    T(Case("convert stray safetensors", [*h2o, f"--hf_dir={tmp / 'stray'}",
-           f"--output_dir={tmp / 'c1'}"], "stray.safetensors",
-           setup=lambda t: _stray(hf_copy("stray")(t))))  # fmt: skip
+    T(Case("convert two copies of a shard", [*h2o, f"--hf_dir={tmp / 'twice'}",
+           f"--output_dir={tmp / 'c1'}"], "mtp-copy.safetensors",
+           setup=lambda t: _second_copy(hf_copy("twice")(t))))  # fmt: skip
     T(Case("convert broken index", [*h2o, f"--hf_dir={tmp / 'badidx'}",
            f"--output_dir={tmp / 'c2'}"], "model.safetensors.index.json",
            setup=lambda t: _write(hf_copy("badidx")(t) / "model.safetensors.index.json",
@@ -235,9 +237,8 @@ def cases(f: dict) -> list[Case]:
         {load}
         with_implementation(model, attention_kernel="cuda")
     """), "attention_kernel"))  # fmt: skip
-    T(Case("api load_hf_checkpoint stray file", api(
-        f"dsv3_jax.load_hf_checkpoint({str(tmp / 'stray')!r})"), "stray.safetensors",
-        setup=lambda t: _stray(hf_copy("stray")(t))))  # fmt: skip
+    T(Case("api load_hf_checkpoint two copies", api(
+        f"dsv3_jax.load_hf_checkpoint({str(tmp / 'twice')!r})"), "mtp-copy.safetensors"))
     T(Case("api load_hf_checkpoint bool weight", api(
         f"dsv3_jax.load_hf_checkpoint({str(tmp / 'bool')!r})"), "lm_head.weight",
         setup=lambda t: _retype(hf_copy("bool")(t), "lm_head.weight", "bool")))  # fmt: skip
@@ -254,17 +255,13 @@ def _truncate(path: pathlib.Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def _stray(folder: pathlib.Path) -> None:
-    """A consolidated copy of the final norm and head, with other values, beside the shards."""
-    import numpy as np
-    from safetensors.numpy import load_file, save_file
-
-    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    names = ["model.norm.weight", "lm_head.weight"]
-    tensors = {}
-    for n in names:
-        tensors[n] = load_file(folder / index[n])[n] * np.float32(3)
-    save_file(tensors, folder / "stray.safetensors")
+def _second_copy(folder: pathlib.Path) -> None:
+    """The MTP shard un-indexed (as transformers saves) and twice: two files claim its tensors."""
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != "mtp.safetensors"}
+    index_path.write_text(json.dumps(index))
+    shutil.copy(folder / "mtp.safetensors", folder / "mtp-copy.safetensors")
 
 
 def _retype(folder: pathlib.Path, name: str, dtype: str = "int32") -> None:

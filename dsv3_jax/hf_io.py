@@ -337,9 +337,7 @@ class SafetensorsDir:
         if non_float:
             out.append(f"tensors of a non-float dtype ({len(non_float)}): {non_float}")
         stray_fp8 = [
-            (n, self.dtype_of[n])
-            for n in weights
-            if self.is_fp8(n) and not _MAY_BE_FP8.search(n)
+            (n, self.dtype_of[n]) for n in weights if self.is_fp8(n) and not _MAY_BE_FP8.search(n)
         ]
         if stray_fp8:
             out.append(

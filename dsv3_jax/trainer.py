@@ -10,17 +10,15 @@ import platform
 import signal
 import tempfile
 import time
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from tensorboardX import SummaryWriter
 
 from dsv3_jax import checkpoint, data, train_lib
-from dsv3_jax.config import IMPLEMENTATION_FIELDS, ModelConfig, RopeScaling
+from dsv3_jax.config import IMPLEMENTATION_FIELDS, ModelConfig
 from dsv3_jax.model import DeepseekV3
 
 log = logging.getLogger("dsv3_jax")
@@ -38,13 +36,10 @@ def prepare_data(cfg) -> tuple[np.ndarray, np.ndarray, data.CompactVocab | None]
 
 
 def model_config(cfg, vocab: data.CompactVocab | None) -> ModelConfig:
-    fields = dict(cfg.model)
-    rope_scaling = fields.get("rope_scaling")
-    if isinstance(rope_scaling, (Mapping, ml_collections.ConfigDict)):  # from a config file
-        fields["rope_scaling"] = RopeScaling(**dict(rope_scaling))
+    fields = dict(cfg.model)  # rope_scaling may be a ConfigDict: ModelConfig reads that form
     if vocab is not None:
         fields.update(vocab_size=vocab.size, bos_token_id=vocab.bos, eos_token_id=vocab.eos)
-    return ModelConfig(**fields)
+    return ModelConfig.from_dict(fields)
 
 
 def init_from(cfg, vocab: data.CompactVocab | None, train_tokens, val_tokens) -> DeepseekV3:
