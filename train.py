@@ -11,7 +11,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from dsv3_jax import trainer
+from dsv3_jax import checkpoint, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "ml_collections config file.", lock_config=True
@@ -79,6 +79,9 @@ def main(argv):
         trainer.train(_CONFIG.value, _WORKDIR.value)
     except (trainer.RunConfigError, trainer.NonFiniteError) as err:
         sys.exit(f"error: {err}")
+    except checkpoint.DamagedCheckpointError as err:
+        hint = f"; delete {err.path} to resume from step {err.earlier_steps[-1]}"
+        sys.exit(f"error: {err}{hint if err.earlier_steps else ''}")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,8 @@ def cases(f: dict) -> list[Case]:
     T(Case("train workdir of another model", train(
         "--config.model.hidden_size=64", workdir=str(run)), "hidden_size"))
     T(Case("train stray argument", [*train(), "extra"], "extra"))
+    T(Case("train resume damaged checkpoint", train(workdir=str(tmp / "damaged")), "delete",
+           setup=lambda t: _damaged_copy(run, t / "damaged")))  # fmt: skip
     T(Case("train diverging lr", train("--config.train.lr=1e6", "--config.train.steps=3",
            "--config.train.log_every=1"), "not finite"))  # fmt: skip
     # ------------------------------------------------------------------ sample.py
@@ -277,6 +279,8 @@ def _retype(folder: pathlib.Path, name: str, dtype: str = "int32") -> None:
 
 def _damaged_copy(run: pathlib.Path, dst: pathlib.Path) -> None:
     """A copy of a training run whose latest checkpoint has its model arrays truncated."""
+    if dst.exists():
+        return
     shutil.copytree(run, dst)
     steps = sorted(
         (p for p in (dst / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name)

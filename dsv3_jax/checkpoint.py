@@ -9,6 +9,7 @@ when complete, so a killed run never leaves a step that looks complete.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import grain
@@ -69,21 +70,64 @@ def save(manager, step: int, model_state: nnx.State, opt_state, data_iter, meta:
     )
 
 
+def _ignore_reads_after_a_failed_restore() -> None:
+    """Filters one known report out of ``sys.unraisablehook`` (installed once per process).
+
+    When one array of a restore cannot be read, orbax closes its event loop while TensorStore
+    reads of the other arrays are still in flight; each of them, on completion, reports
+    ``RuntimeError('Event loop is closed')`` from a C++ callback (no object) through the
+    unraisable hook: dozens of bare tracebacks, before and after the error is raised, seconds
+    later. Exactly those are dropped; every other report goes to the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "dsv3_filter", False):
+        return
+
+    def hook(report):
+        err = report.exc_value
+        if report.object is None and type(err) is RuntimeError and str(err) == _LOOP_CLOSED:
+            return
+        previous(report)
+
+    hook.dsv3_filter = True
+    sys.unraisablehook = hook
+
+
+_LOOP_CLOSED = "Event loop is closed"
+
+
+def _restore(manager, step: int, **items):
+    """``manager.restore`` of ``items``; unreadable files raise DamagedCheckpointError."""
+    _ignore_reads_after_a_failed_restore()
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except MemoryError:
+        raise
+    except Exception as err:  # orbax/TensorStore raise bare Exception with a spec dump
+        folder = os.path.join(os.fspath(manager.directory), str(step))
+        damaged = DamagedCheckpointError(step, folder, list(manager.all_steps()), err)
+    raise damaged  # outside the except: no chained TensorStore dump
+
+
 def restore_training(manager, step: int, model_state: nnx.State, opt_state, data_iter):
-    """Restores (model_state, opt_state) in place of the given templates; the iterator in place."""
-    restored = manager.restore(
+    """Restores (model_state, opt_state) in place of the given templates; the iterator in place.
+
+    Raises:
+      DamagedCheckpointError: the step's files cannot be read.
+    """
+    restored = _restore(
+        manager,
         step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(model_state),
-            opt=ocp.args.StandardRestore(opt_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
-        ),
+        model=ocp.args.StandardRestore(model_state),
+        opt=ocp.args.StandardRestore(opt_state),
+        data=grain.checkpoint.CheckpointRestore(data_iter),
     )
     return restored["model"], restored["opt"]
 
 
 def restore_meta(manager, step: int) -> dict:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    """The step's metadata. Raises DamagedCheckpointError if it cannot be read."""
+    return _restore(manager, step, meta=ocp.args.JsonRestore())["meta"]
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -173,25 +217,13 @@ def load_checkpoint(
         )
     try:
         meta = restore_meta(manager, step)
-    except MemoryError:
-        raise
-    except Exception as err:  # orbax/TensorStore raise bare Exception with a spec dump
-        manager.close()
-        raise DamagedCheckpointError(step, os.path.join(ckpt, str(step)), kept, err) from err
-    config = ModelConfig.from_dict({**meta["model_config"], **config_overrides})
-    abstract = nnx.eval_shape(
-        lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=meta.get("mtp", True))
-    )
-    graphdef, abstract_state = nnx.split(abstract)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
-    try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target))
+        config = ModelConfig.from_dict({**meta["model_config"], **config_overrides})
+        abstract = nnx.eval_shape(
+            lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=meta.get("mtp", True))
         )
-    except MemoryError:
-        raise
-    except Exception as err:
-        raise DamagedCheckpointError(step, os.path.join(ckpt, str(step)), kept, err) from err
+        graphdef, abstract_state = nnx.split(abstract)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
+        restored = _restore(manager, step, model=ocp.args.StandardRestore(target))
     finally:
         manager.close()
     meta = dict(meta, step=step)
