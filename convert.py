@@ -50,10 +50,10 @@ def main(argv):
     log.info("jax %s, python %s", jax.__version__, platform.python_version())
     command, out = argv[1], _OUTPUT_DIR.value
     try:
-        if out is None:
-            raise ValueError("--output_dir is required")
+        if not (out or "").strip():
+            raise ValueError("--output_dir is required (got none or an empty path)")
         if command == "hf_to_orbax":
-            if _HF_DIR.value is None:
+            if not (_HF_DIR.value or "").strip():
                 raise ValueError("hf_to_orbax needs --hf_dir")
             r = convert_hf.hf_to_orbax(
                 _HF_DIR.value,
@@ -65,7 +65,7 @@ def main(argv):
                 progress=_PROGRESS.value,
             )
         else:
-            if _CHECKPOINT_DIR.value is None:
+            if not (_CHECKPOINT_DIR.value or "").strip():
                 raise ValueError("orbax_to_hf needs --checkpoint_dir")
             r = convert_hf.orbax_to_hf(
                 _CHECKPOINT_DIR.value,

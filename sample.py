@@ -100,7 +100,13 @@ def main(argv):
         _fail("give exactly one of --workdir or --checkpoint")
     try:
         sampling.check_sampling_args(
-            sys.maxsize, 1, _MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value
+            sys.maxsize,
+            1,
+            _MAX_NEW.value,
+            _TEMPERATURE.value,
+            _TOP_K.value,
+            _TOP_P.value,
+            _SEED.value,
         )
         model, meta = checkpoint.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value, _STEP.value)
     except checkpoint.DamagedCheckpointError as err:

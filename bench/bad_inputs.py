@@ -82,7 +82,8 @@ def cases(f: dict) -> list[Case]:
     a_file = tmp / "a_file"
 
     def train(*args, workdir=None):
-        workdir = workdir or str(tmp / f"w{len(args)}_{abs(hash(args)) % 10**8}")
+        if workdir is None:
+            workdir = str(tmp / f"w{len(args)}_{abs(hash(args)) % 10**8}")
         return [
             "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
             f"--config.data.cache_dir={cache}", *args,
@@ -110,13 +111,15 @@ def cases(f: dict) -> list[Case]:
         ("train.warmup_steps", -1), ("train.keep", 0), ("data.seq_len", 100000),
         ("data.seq_len", 0), ("model.n_group", 3), ("model.hidden_size", 0),
         ("model.topk_group", 9), ("model.dtype", "float8"), ("model.moe_impl", "fast"),
-        ("model.num_experts_per_tok", 0),
+        ("model.num_experts_per_tok", 0), ("train.lr", "inf"), ("model.initializer_range", -1.0),
+        ("model.routed_scaling_factor", "nan"),
     ]:  # fmt: skip
         T(Case(f"train {field}={value}", train(f"--config.{field}={value}"), field.split(".")[1]))
     T(Case("train unknown field", train("--config.train.foo=1"), "foo"))
     T(Case("train unknown config file", [
         "train.py", "--config=configs/nope.py", f"--workdir={tmp / 'nope'}"], "nope.py"))  # fmt: skip
     T(Case("train no --workdir", ["train.py", "--config=configs/tiny.py"], "workdir"))
+    T(Case("train empty --workdir", train(workdir=""), "--workdir is empty"))
     T(Case("train workdir under a file", train(workdir=str(a_file / "run")), "workdir"))
     T(Case("train cache_dir is a file", [
         *train()[:3], f"--config.data.cache_dir={a_file}"], "cache_dir"))  # fmt: skip
@@ -138,7 +141,7 @@ def cases(f: dict) -> list[Case]:
         ("--max_new_tokens=-1", "max_new_tokens"), ("--max_new_tokens=100000", "max_position"),
         ("--step=999", "999"), ("--mla_decode=fast", "mla_decode"),
         ("--attention_kernel=cuda", "attention_kernel"), ("--prompt=\U0001f99c", "never saw"),
-        ("--step=-1", "step"),
+        ("--step=-1", "step"), ("--seed=99999999999999999999", "seed"),
     ]:  # fmt: skip
         T(Case(f"sample {flag}", sample(flag), fault))
     T(Case("sample missing workdir", sample(workdir="/nonexistent/run"), "/nonexistent/run"))
@@ -188,6 +191,10 @@ def cases(f: dict) -> list[Case]:
     T(Case("convert bad dtype", [*h2o, f"--hf_dir={hf}", f"--output_dir={tmp / 'c8'}",
            "--dtype=float8"], "dtype"))  # fmt: skip
     T(Case("convert no output_dir", [*h2o, f"--hf_dir={hf}"], "output_dir"))
+    T(Case("convert empty output_dir", [*h2o, f"--hf_dir={hf}", "--output_dir="], "output_dir"))
+    T(Case("convert overwrite a user folder", [*h2o, f"--hf_dir={hf}",
+           f"--output_dir={tmp / 'mine'}", "--overwrite"], "not a hf_to_orbax output",
+           setup=lambda t: _write(_mkdir(t / "mine") / "keep.txt", "precious")))  # fmt: skip
     T(Case("convert unknown command", ["convert.py", "hf2orbax", f"--hf_dir={hf}"], "hf2orbax"))
     o2h = ["convert.py", "orbax_to_hf"]
     T(Case("convert back missing checkpoint", [*o2h, "--checkpoint_dir=/nonexistent/ck",
@@ -197,6 +204,8 @@ def cases(f: dict) -> list[Case]:
            setup=lambda t: shutil.copytree(run, t / "selfrun")))  # fmt: skip
     T(Case("convert back bad shard size", [*o2h, f"--checkpoint_dir={run}",
            f"--output_dir={tmp / 'c10'}", "--max_shard_size=lots"], "max_shard_size"))
+    T(Case("convert back zero shard size", [*o2h, f"--checkpoint_dir={run}",
+           f"--output_dir={tmp / 'c11'}", "--max_shard_size=0"], "max_shard_size"))
     # ------------------------------------------------------------------ Python API
     load = f"model = dsv3_jax.load_hf_checkpoint({str(hf)!r})"
     for arg, fault in [
@@ -219,6 +228,24 @@ def cases(f: dict) -> list[Case]:
         {load}
         model(np.zeros((1, 3), np.float32))
     """), "input_ids"))  # fmt: skip
+    T(Case("api generate batch of 0", api(f"""
+        {load}
+        dsv3_jax.generate(model, np.zeros((0, 3), np.int32), 4)
+    """), "batch of 0"))  # fmt: skip
+    T(Case("api load_checkpoint step '6'", api(
+        f"dsv3_jax.load_checkpoint({str(run)!r}, '6')"), "step must be an int"))
+    T(Case("api load_hf_checkpoint dtype fp32", api(
+        f"dsv3_jax.load_hf_checkpoint({str(hf)!r}, dtype='fp32')"), "dtype"))
+    T(Case("api with_implementation not a model", api("""
+        from dsv3_jax.model import with_implementation
+        with_implementation("model", dtype="bfloat16")
+    """), "DeepseekV3"))  # fmt: skip
+    T(Case("api StreamDecoder negative id", api("""
+        from dsv3_jax import data
+        data.StreamDecoder(data.load_tokenizer()).push([-1])
+    """), "vocabulary"))  # fmt: skip
+    T(Case("api ModelConfig rms_norm_eps str", api("ModelConfig(rms_norm_eps='1e-6')"),
+           "rms_norm_eps"))  # fmt: skip
     T(Case("api count_params(int)", api("dsv3_jax.count_params(3)"), "ModelConfig"))
     T(Case("api count_params(unknown field)",
            api("dsv3_jax.count_params({'hiden_size': 8})"), "hiden_size"))  # fmt: skip
@@ -250,6 +277,11 @@ def cases(f: dict) -> list[Case]:
 # ---------------------------------------------------------------------- fixture helpers
 def _write(path: pathlib.Path, text: str) -> None:
     path.write_text(text)
+
+
+def _mkdir(path: pathlib.Path) -> pathlib.Path:
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def _truncate(path: pathlib.Path) -> None:

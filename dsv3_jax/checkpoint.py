@@ -14,11 +14,11 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import ModelConfig, dtype_name
 from dsv3_jax.model import DeepseekV3
 
 
@@ -171,6 +171,8 @@ def load_checkpoint(
       DamagedCheckpointError: (a ValueError) the step's files cannot be read; the message names
         the step folder, the first line of the underlying error and the kept steps.
     """
+    if step is not None and (not isinstance(step, (int, np.integer)) or isinstance(step, bool)):
+        raise ValueError(f"step must be an int or None, got {step!r}")
     from dsv3_jax import convert_hf  # noqa: PLC0415 (convert_hf imports this module lazily too)
 
     if convert_hf.is_converted(path):
@@ -180,7 +182,7 @@ def load_checkpoint(
             )
         return convert_hf.load_converted(path, dtype, **config_overrides)
     if dtype is not None:
-        name = jnp.dtype(dtype).name
+        name = dtype_name(dtype)
         config_overrides = {"dtype": name, "param_dtype": name, **config_overrides}
     path = os.path.abspath(os.fspath(path))
     if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "model")):

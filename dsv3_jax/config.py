@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -77,6 +78,32 @@ class RopeScaling:
         if rope_type == "default":
             return None
         return cls(rope_type=rope_type, **{k: v for k, v in raw.items() if k in known})
+
+
+def dtype_name(value: Any, name: str = "dtype") -> str:
+    """A model dtype's name ("float32", "bfloat16" or "float16") from a name, numpy or jnp dtype.
+
+    Raises:
+      ValueError: naming ``name``, for anything else (e.g. "fp32", "float8", 3).
+    """
+    try:
+        result = value if isinstance(value, str) else np.dtype(value).name
+    except TypeError:
+        result = None
+    if result not in _MODEL_DTYPES:
+        raise ValueError(f"{name} must be one of {_MODEL_DTYPES}, got {value!r}")
+    return result
+
+
+_MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_positive_number(name: str, value: Any, allow_zero: bool = False) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is a finite real number > 0 (>= 0)."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def _as_dict(value: Any, name: str) -> dict[str, Any]:
@@ -186,9 +213,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
-        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+        for name in (
+            "n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers",
+        ):  # fmt: skip
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be a non-negative int, got {value!r}")
         if self.q_lora_rank is not None and (
             not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0
@@ -200,9 +229,14 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}"
             )
-        for name in ("rms_norm_eps", "rope_theta"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"):
+            _check_positive_number(f"ModelConfig.{name}", getattr(self, name))
+        for name in ("norm_topk_prob", "rope_interleave", "tie_word_embeddings", "attention_bias",
+                     "remat"):  # fmt: skip
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}"
+                )
         if self.n_routed_experts % self.n_group:
             raise ValueError(
                 f"ModelConfig.n_routed_experts ({self.n_routed_experts}) must be divisible by "
@@ -255,9 +289,16 @@ class ModelConfig:
                     f"ModelConfig.rope_scaling.rope_type {rs.rope_type!r} is unknown; supported: "
                     f"{_ROPE_TYPES}"
                 )
-            if rs.factor is not None and not rs.factor > 0:
-                raise ValueError(f"ModelConfig.rope_scaling.factor must be > 0, got {rs.factor!r}")
-            if rs.original_max_position_embeddings <= 0:
+            for name in ("factor", "beta_fast", "beta_slow", "attention_factor"):
+                if getattr(rs, name) is not None:
+                    _check_positive_number(f"ModelConfig.rope_scaling.{name}", getattr(rs, name))
+            for name in ("mscale", "mscale_all_dim"):  # 0 or None: not applied (as HF)
+                if getattr(rs, name) is not None:
+                    _check_positive_number(
+                        f"ModelConfig.rope_scaling.{name}", getattr(rs, name), allow_zero=True
+                    )
+            omax = rs.original_max_position_embeddings
+            if not isinstance(omax, int) or isinstance(omax, bool) or omax <= 0:
                 raise ValueError(
                     "ModelConfig.rope_scaling.original_max_position_embeddings must be > 0, got "
                     f"{rs.original_max_position_embeddings!r}"

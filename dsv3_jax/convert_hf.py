@@ -43,6 +43,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import dtype_name as config_dtype_name
 from dsv3_jax.hf_io import (
     BF16_DTYPE,
     FP8_DTYPE,
@@ -78,6 +79,15 @@ def is_converted(path: str | os.PathLike) -> bool:
     return isinstance(content, dict) and content.get("format") == FORMAT
 
 
+def _is_hf_folder(path: str) -> bool:
+    """True if ``path`` holds an HF checkpoint (config.json and safetensors files) and no more
+    than an ``orbax_to_hf`` output or an HF download holds (no sub-folders but caches)."""
+    names = os.listdir(path)
+    subdirs = [n for n in names if os.path.isdir(os.path.join(path, n)) and not n.startswith(".")]
+    has_weights = any(n.endswith(".safetensors") for n in names)
+    return "config.json" in names and has_weights and not subdirs
+
+
 # ----------------------------------------------------------------------------- output folders
 class _Output:
     """The output folder of a conversion, written in a private temporary sibling and renamed to
@@ -95,25 +105,45 @@ class _Output:
     folder of a live pid (a conversion still running, or a reused pid), of another host, or of
     another form is kept, and a warning gives its path and size.
 
+    ``overwrite`` replaces only what a conversion writes (``replaceable(out)``: a converted
+    folder, an HF checkpoint folder) or an empty folder, never another folder of the user's (the
+    working directory an empty ``--output_dir=$UNSET`` would name, a home folder, ...).
+
     Raises:
-      ValueError: the output overlaps the input (``src``).
-      FileExistsError: ``out`` exists and not ``overwrite``.
+      ValueError: an empty output path, or the output overlaps the input (``src``).
+      FileExistsError: ``out`` exists and not ``overwrite``, or it is not a conversion's output.
     """
 
     def __init__(
-        self, out: str | os.PathLike, overwrite: bool, src: str | os.PathLike | None = None
+        self,
+        out: str | os.PathLike,
+        overwrite: bool,
+        src: str | os.PathLike | None = None,
+        replaceable=lambda path: False,
+        kind: str = "conversion output",
     ):
+        if not os.fspath(out).strip():
+            raise ValueError("the output folder (--output_dir) is empty; give a new folder")
         self.out = os.path.abspath(os.fspath(out))
         self.overwrite = overwrite
         self.tmp = None
         if src is not None:
             _refuse_overlap(src, out)
+        self.replaceable, self.kind = replaceable, kind
         self._refuse_existing()
 
     def _refuse_existing(self):
-        if os.path.lexists(self.out) and not self.overwrite:
+        if not os.path.lexists(self.out):
+            return
+        if not self.overwrite:
             raise FileExistsError(
                 f"output {self.out} exists; choose a new folder or pass --overwrite"
+            )
+        empty = os.path.isdir(self.out) and not os.listdir(self.out)
+        if not (empty or (os.path.isdir(self.out) and self.replaceable(self.out))):
+            raise FileExistsError(
+                f"output {self.out} exists and is not a {self.kind}; --overwrite replaces only an "
+                "earlier conversion's output or an empty folder: choose a new folder"
             )
 
     def _temp(self, kind: str) -> str:
@@ -319,7 +349,9 @@ def hf_to_orbax(
     src = os.fspath(hf_dir)
     if os.path.isfile(src) and os.path.basename(src) == "config.json":
         src = os.path.dirname(os.path.abspath(src))
-    out = _Output(output_dir, overwrite, src)  # refuses a bad output before any work
+    out = _Output(  # refuses a bad output before any work
+        output_dir, overwrite, src, replaceable=is_converted, kind="hf_to_orbax output folder"
+    )
     ck = open_hf_checkpoint(hf_dir, dtype, drop_mtp=drop_mtp)
     files, config = ck.files, ck.config
     block = files.block
@@ -484,7 +516,7 @@ def load_converted(
     """
     path = os.path.abspath(os.fspath(path))
     meta = _read_meta(path)
-    dtype_name = jnp.dtype(dtype or meta["dtype"]).name
+    dtype_name = config_dtype_name(dtype or meta["dtype"])
     fields = {**meta["model_config"], "dtype": dtype_name, "param_dtype": dtype_name}
     config = ModelConfig.from_dict({**fields, **config_overrides})
     abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=meta["mtp"]))
@@ -523,15 +555,25 @@ def load_converted(
 
 # ----------------------------------------------------------------------------- orbax -> HF
 def parse_size(size: str | int) -> int:
-    """'5GB' -> 5e9 bytes ('5GiB' -> 5 * 2**30; a plain int is bytes), as HF's max_shard_size."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size {size!r} is not a size like '5GB', '500MB' or 1000000")
-    base = 1024 if m.group(3) else 1000
-    power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * base**power)
+    """'5GB' -> 5e9 bytes ('5GiB' -> 5 * 2**30; a plain int is bytes), as HF's max_shard_size.
+
+    Raises:
+      ValueError: not a size, or not positive.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise ValueError(
+                f"max_shard_size {size!r} is not a size like '5GB', '500MB' or 1000000"
+            )
+        base = 1024 if m.group(3) else 1000
+        power = " KMGT".index(m.group(2).upper() or " ")
+        value = int(float(m.group(1)) * base**power)
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be > 0 bytes, got {size!r}")
+    return value
 
 
 def _hf_tensors(entries: dict, group: dict[tuple, np.ndarray]) -> dict[str, np.ndarray]:
@@ -607,7 +649,9 @@ def orbax_to_hf(
 
     limit = parse_size(max_shard_size)
     src = None if _model is not None else os.path.abspath(os.fspath(checkpoint_dir))
-    out = _Output(output_dir, overwrite, src)
+    out = _Output(
+        output_dir, overwrite, src, replaceable=_is_hf_folder, kind="HF checkpoint folder"
+    )
     if _model is not None:
         meta = {"vocab": None}
         config, has_mtp, stored_block = _model.config, _model.num_mtp > 0, None

@@ -169,11 +169,19 @@ class StreamDecoder:
         """Takes the next ids (int array-like, any shape) and returns the text they make certain.
 
         Raises:
-            ValueError: a compact id outside the vocabulary (see `CompactVocab.to_original`).
+            ValueError: ids that are not integers, or outside the vocabulary (the compact one, see
+              `CompactVocab.to_original`, or the tokenizer's).
         """
-        ids = np.asarray(ids, np.int64).reshape(-1)  # [n]
+        raw = np.asarray(ids)
+        if raw.size and not np.issubdtype(raw.dtype, np.integer):
+            raise ValueError(f"StreamDecoder.push takes integer ids, got {raw.dtype} {raw!r:.80}")
+        ids = raw.astype(np.int64).reshape(-1)  # [n]
         if self._vocab is not None:
             ids = self._vocab.to_original(ids)
+        size = self._tokenizer.get_vocab_size()
+        if ids.size and (ids.min() < 0 or ids.max() >= size):
+            bad = ids[(ids < 0) | (ids >= size)][:10].tolist()
+            raise ValueError(f"ids outside the tokenizer's vocabulary [0, {size}): {bad}")
         self._ids.extend(int(i) for i in ids)
         text = decode(self._tokenizer, self._ids)
         certain = text.rstrip("\ufffd")

@@ -32,6 +32,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import dtype_name as config_dtype_name
 from dsv3_jax.model import DeepseekV3
 
 log = logging.getLogger("dsv3_jax")
@@ -674,7 +675,7 @@ def open_hf_checkpoint(
     hf_config = read_json(cfg_path)
     if not isinstance(hf_config, dict):
         raise CheckpointError(f"{cfg_path} is not a JSON object (got {type(hf_config).__name__})")
-    dtype_name = jnp.dtype(dtype).name
+    dtype_name = config_dtype_name(dtype)
     try:
         block = quant_block_size(hf_config)
         config = ModelConfig.from_hf(

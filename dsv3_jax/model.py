@@ -9,6 +9,7 @@ with ``jax.lax.scan``, so 61 layers compile as two bodies.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -303,6 +304,8 @@ def with_implementation(model: DeepseekV3, **changes) -> DeepseekV3:
     """
     from dsv3_jax.moe import Router  # noqa: PLC0415 (moe imports layers; model imports both)
 
+    if not isinstance(model, DeepseekV3):
+        raise TypeError(f"with_implementation takes a DeepseekV3 model, got {type(model).__name__}")
     bad = sorted(set(changes) - set(IMPLEMENTATION_FIELDS))
     if bad:
         raise ValueError(
@@ -336,6 +339,8 @@ def check_input_ids(input_ids, vocab_size: int, max_len: int | None = None) -> N
         raise ValueError(
             f"input_ids must be an int array [batch, seq], got {ids.dtype} {ids.shape}"
         )
+    if ids.shape[0] < 1:
+        raise ValueError(f"input_ids holds no rows (batch of 0), got shape {ids.shape}")
     if ids.shape[1] < 1 or (max_len is not None and ids.shape[1] > max_len):
         raise ValueError(
             f"input_ids length {ids.shape[1]} is outside [1, max_position_embeddings={max_len}]"
@@ -362,11 +367,11 @@ def count_params(config: ModelConfig) -> tuple[int, int]:
     config = ModelConfig.coerce(config)
     abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=False))
     params = nnx.state(abstract, nnx.Param)
-    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))  # Python ints: no overflow
     moe = params["moe_layers"]["mlp"] if config.num_moe_layers else None
     routed = 0
     if moe is not None:
-        routed = sum(int(np.prod(moe[n].shape)) for n in ("gate_proj", "up_proj", "down_proj"))
+        routed = sum(math.prod(moe[n].shape) for n in ("gate_proj", "up_proj", "down_proj"))
     inactive = (
         routed * (config.n_routed_experts - config.num_experts_per_tok) // config.n_routed_experts
     )

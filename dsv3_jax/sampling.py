@@ -66,7 +66,9 @@ def filter_logits(
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        keep_sorted = mass_before < top_p
+        # The most likely token always stays (a top_p below float32's normal range, 1e-40 say,
+        # is flushed to 0 on the device and would otherwise keep nothing).
+        keep_sorted = (mass_before < top_p).at[:, 0].set(True)
         keep = (
             jnp.zeros_like(keep_sorted)
             .at[jnp.arange(logits.shape[0])[:, None], order]
@@ -110,9 +112,11 @@ def _is_real(value) -> bool:
 
 
 def check_sampling_args(
-    max_len: int, prompt_len: int, max_new_tokens: int, temperature: float, top_k, top_p
+    max_len: int, prompt_len: int, max_new_tokens: int, temperature: float, top_k, top_p, seed=0
 ) -> None:
     """Raises ValueError naming the argument of the wrong type or value (see :func:`generate`)."""
+    if not _is_int(seed) or not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [-2**63, 2**63), got {seed!r}")
     if not _is_int(max_new_tokens):
         raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
     if top_k is not None and not _is_int(top_k):
@@ -401,10 +405,14 @@ def generate(
     prompts, as_array = _as_prompts(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
     lengths = np.array([len(p) for p in prompts], np.int32)
     check_sampling_args(
-        cfg.max_position_embeddings, int(lengths.max()), max_new_tokens, temperature, top_k, top_p
+        cfg.max_position_embeddings,
+        int(lengths.max()),
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
     )
-    if not _is_int(seed) or not -(2**63) <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [-2**63, 2**63), got {seed!r}")
     if eos_id is not None and not _is_int(eos_id):
         raise ValueError(f"eos_id must be an int or None, got {eos_id!r}")
     if callback is not None and not callable(callback):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import signal
@@ -178,6 +179,8 @@ def check_run_config(cfg, workdir: str) -> None:
                 f"the config has no '{section}' section (train.py needs model, data and train; "
                 "configs/deepseek_v3_671b.py describes a model only)"
             )
+    if not (workdir or "").strip():
+        raise RunConfigError("--workdir is empty; give the run's folder")
     _check_folder(workdir, "--workdir")
     t, d = cfg.train, cfg.data
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "data.seq_len": d.seq_len,
@@ -185,15 +188,15 @@ def check_run_config(cfg, workdir: str) -> None:
                 "train.eval_every": t.eval_every, "train.save_every": t.save_every, "train.keep": t.keep,
                 "train.lr": t.lr, "train.clip": t.clip}  # fmt: skip
     for name, value in positive.items():
-        if not value > 0:
-            raise RunConfigError(f"config.{name} must be > 0, got {value!r}")
+        if not (value > 0 and math.isfinite(value)):
+            raise RunConfigError(f"config.{name} must be a finite number > 0, got {value!r}")
     non_negative = {"train.weight_decay": t.weight_decay, "train.eps": t.eps,
                     "train.mtp_lambda": t.mtp_lambda, "train.balance_alpha": t.balance_alpha,
                     "train.bias_gamma": t.bias_gamma,
                     "train.max_consecutive_skips": t.get("max_consecutive_skips", 0)}  # fmt: skip
     for name, value in non_negative.items():
-        if not value >= 0:
-            raise RunConfigError(f"config.{name} must be >= 0, got {value!r}")
+        if not (value >= 0 and math.isfinite(value)):
+            raise RunConfigError(f"config.{name} must be a finite number >= 0, got {value!r}")
     for name in ("b1", "b2"):
         if not 0 <= t[name] < 1:
             raise RunConfigError(f"config.train.{name} must be in [0, 1), got {t[name]!r}")

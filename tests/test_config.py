@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from conftest import GOLDENS
@@ -188,3 +189,40 @@ def test_rope_scaling_dict_errors_name_the_key():
         ModelConfig(rope_scaling={"type": "longrope", "factor": 4})
     with pytest.raises(TypeError, match="rope_scaling must be a mapping"):
         ModelConfig(rope_scaling="yarn")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(initializer_range=-1.0), "initializer_range must be a finite number > 0, got -1.0"),
+        (dict(initializer_range=float("nan")), "initializer_range must be a finite number > 0"),
+        (dict(routed_scaling_factor=float("nan")), "routed_scaling_factor must be a finite"),
+        (dict(routed_scaling_factor="2"), "routed_scaling_factor must be a finite number > 0"),
+        (dict(rms_norm_eps="1e-6"), "rms_norm_eps must be a finite number > 0, got '1e-6'"),
+        (dict(rms_norm_eps=float("inf")), "rms_norm_eps must be a finite number > 0, got inf"),
+        (dict(norm_topk_prob="no"), "norm_topk_prob must be True or False, got 'no'"),
+        (dict(remat="yes"), "remat must be True or False"),
+        (dict(n_shared_experts=True), "n_shared_experts must be a non-negative int"),
+        (dict(rope_scaling={"type": "yarn", "factor": 4.0, "mscale": "1"}), "rope_scaling.mscale"),
+        (dict(rope_scaling={"type": "yarn", "factor": -4.0}), "rope_scaling.factor must be"),
+    ],
+)
+def test_values_of_the_wrong_kind_are_named(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig(**{**TINY, **override})
+
+
+def test_count_params_beyond_int64():
+    """Counted in Python ints: no silent int64 overflow for absurd sizes."""
+    c = {**TINY, "vocab_size": 2**40, "hidden_size": 2**30}
+    total, active = count_params(c)
+    embed_and_head = 2 * 2**40 * 2**30  # 2**71 > int64
+    assert total > embed_and_head > 2**63 and active > embed_and_head
+
+
+@pytest.mark.parametrize("bad", ["fp32", "float8", 3, "int32"])
+def test_loader_dtypes_are_named(bad):
+    from dsv3_jax import load_hf_checkpoint
+
+    with pytest.raises(ValueError, match=r"dtype must be one of \('float32', 'bfloat16'"):
+        load_hf_checkpoint(GOLDENS / "f_v3_like", dtype=bad)

@@ -390,6 +390,39 @@ def test_convert_cli_refuses_its_input(command, converted, tmp_path, cli_env):
     assert _listing(tmp_path) == before
 
 
+def test_overwrite_replaces_only_a_conversion_output(converted, tmp_path, cli_env, monkeypatch):
+    """An empty --output_dir (an unset shell variable) or a folder of the user's is never replaced."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    before = _listing(tmp_path)
+    monkeypatch.chdir(mine)
+    for out in ("", " "):
+        with pytest.raises(ValueError, match=r"output folder \(--output_dir\) is empty"):
+            convert_hf.hf_to_orbax(SINGLE, out, overwrite=True, progress=False)
+    with pytest.raises(FileExistsError, match="is not a hf_to_orbax output folder"):
+        convert_hf.hf_to_orbax(SINGLE, mine, overwrite=True, progress=False)
+    with pytest.raises(FileExistsError, match="is not a HF checkpoint folder"):
+        convert_hf.orbax_to_hf(converted, mine, overwrite=True, progress=False)
+    assert _listing(tmp_path) == before
+    convert_py = GOLDENS.parent.parent / "convert.py"
+    r = subprocess.run(  # from inside the user's folder, as `--output_dir=$UNSET` would be
+        [sys.executable, convert_py, "hf_to_orbax", f"--hf_dir={SINGLE}", "--output_dir=",
+         "--overwrite"],
+        cwd=mine, env=cli_env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert "--output_dir" in _one_error_line(r)
+    assert _listing(tmp_path) == before
+    # An earlier conversion's output and an empty folder are replaced.
+    again = tmp_path / "again"
+    convert_hf.hf_to_orbax(SINGLE, again, dtype="float32", progress=False)
+    convert_hf.hf_to_orbax(SINGLE, again, dtype="float32", overwrite=True, progress=False)
+    (tmp_path / "empty").mkdir()
+    convert_hf.orbax_to_hf(again, tmp_path / "empty", overwrite=True, progress=False)
+    convert_hf.orbax_to_hf(again, tmp_path / "empty", overwrite=True, progress=False)
+    assert (tmp_path / "empty" / "config.json").exists()
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()

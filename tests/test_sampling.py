@@ -251,3 +251,13 @@ def test_numpy_scalar_arguments_are_accepted(model):
         eos_id=np.int32(1),
     )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_tiny_top_p_keeps_the_most_likely_token():
+    """top_p below float32's normal range (flushed to 0 on the device) still keeps the argmax."""
+    from dsv3_jax.sampling import filter_logits
+
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(4, 50)), jnp.float32)
+    for top_p in (1e-30, 1e-40, 1e-300):
+        kept = np.isfinite(np.asarray(filter_logits(logits, None, top_p)))
+        np.testing.assert_array_equal(kept, np.eye(50, dtype=bool)[np.argmax(logits, -1)])

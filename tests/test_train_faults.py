@@ -151,17 +151,23 @@ def test_too_many_consecutive_skips_stop_the_run(nan_skipped, cli_env, tmp_path)
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--config.train.clip=-1.0", "config.train.clip must be > 0, got -1.0"),
-        ("--config.train.mtp_lambda=-0.3", "config.train.mtp_lambda must be >= 0, got -0.3"),
+        ("--config.train.clip=-1.0", "config.train.clip must be a finite number > 0, got -1.0"),
+        ("--config.train.lr=inf", "config.train.lr must be a finite number > 0, got inf"),
+        ("--config.train.mtp_lambda=-0.3",
+         "config.train.mtp_lambda must be a finite number >= 0, got -0.3"),
         ("--config.train.b1=1.0", "config.train.b1 must be in [0, 1), got 1.0"),
         ("--config.train.b2=-0.1", "config.train.b2 must be in [0, 1), got -0.1"),
-        ("--config.train.weight_decay=-0.1", "config.train.weight_decay must be >= 0, got -0.1"),
+        ("--config.train.weight_decay=-0.1",
+         "config.train.weight_decay must be a finite number >= 0, got -0.1"),
         ("--config.train.seed=-1", "config.train.seed must be in [0, 2**32), got -1"),
-        ("--config.train.max_consecutive_skips=-1", "max_consecutive_skips must be >= 0"),
+        ("--config.train.max_consecutive_skips=-1", "max_consecutive_skips must be a finite"),
         ("--config.model.n_group=3", "config.model: ModelConfig.n_routed_experts (8) must be "
          "divisible by n_group (3)"),
         ("--config.data.cache_dir=train.py/tokens", "is under a file"),
         ("--config.init_from=/nonexistent/run", "config.init_from /nonexistent/run does not exist"),
+        ("--config.model.initializer_range=-1.0", "ModelConfig.initializer_range must be a finite"),
+        ("--config.model.routed_scaling_factor=nan",
+         "ModelConfig.routed_scaling_factor must be a finite"),
     ],
 )  # fmt: skip
 def test_settings_that_cannot_work_fail_before_any_work(tmp_path, cli_env, override, message):
