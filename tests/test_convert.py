@@ -250,11 +250,18 @@ def test_existing_output_is_refused_then_overwritten(fp8_dir, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--overwrite"):
         convert_hf.hf_to_orbax(fp8_dir, out, progress=False)
+    # --overwrite replaces an earlier conversion's output, never a folder of the user's.
+    with pytest.raises(FileExistsError, match="is not a hf_to_orbax output folder"):
+        convert_hf.hf_to_orbax(fp8_dir, out, overwrite=True, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder is replaced
+    convert_hf.hf_to_orbax(fp8_dir, out, dtype="float32", drop_mtp=True, progress=False,
+                           overwrite=True)  # fmt: skip
+    (out / "extra.txt").write_text("left by a user in the output")
     convert_hf.hf_to_orbax(
         fp8_dir, out, dtype="float32", drop_mtp=True, overwrite=True, progress=False
     )
-    assert not (out / "keep.txt").exists() and (out / "meta.json").exists()
+    assert not (out / "extra.txt").exists() and (out / "meta.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
