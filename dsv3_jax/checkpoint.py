@@ -8,6 +8,7 @@ when complete, so a killed run never leaves a step that looks complete.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -77,15 +78,22 @@ def _ignore_reads_after_a_failed_restore() -> None:
     reads of the other arrays are still in flight; each of them, on completion, reports
     ``RuntimeError('Event loop is closed')`` from a C++ callback (no object) through the
     unraisable hook: dozens of bare tracebacks, before and after the error is raised, seconds
-    later. Exactly those are dropped; every other report goes to the previous hook.
+    later; and orbax's own coroutines left un-awaited report their failure when collected.
+    Exactly those are dropped; every other report goes to the previous hook.
     """
+    if not _DAMAGED:  # first call: the asyncio filter too (see _OrbaxLeftovers)
+        logging.getLogger("asyncio").addFilter(_OrbaxLeftovers())
+        _DAMAGED.add("")  # marks the filters as installed; matches no message
     previous = sys.unraisablehook
     if getattr(previous, "dsv3_filter", False):
         return
 
     def hook(report):
-        err = report.exc_value
-        if report.object is None and type(err) is RuntimeError and str(err) == _LOOP_CLOSED:
+        err, obj = report.exc_value, report.object
+        if obj is None and type(err) is RuntimeError and str(err) == _LOOP_CLOSED:
+            return
+        code = getattr(obj, "cr_code", None)  # a coroutine being finalised
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
             return
         previous(report)
 
@@ -94,6 +102,19 @@ def _ignore_reads_after_a_failed_restore() -> None:
 
 
 _LOOP_CLOSED = "Event loop is closed"
+_DAMAGED: set[str] = set()  # step folders a restore found damaged (already reported)
+
+
+class _OrbaxLeftovers(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for orbax tasks that failed on a step
+    folder already reported as damaged (a DamagedCheckpointError names it); keeps the rest."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or "never retrieved" not in str(record.msg):
+            return True
+        text = str(exc)
+        return not any(folder and folder in text for folder in _DAMAGED)
 
 
 def _restore(manager, step: int, **items):
@@ -105,6 +126,7 @@ def _restore(manager, step: int, **items):
         raise
     except Exception as err:  # orbax/TensorStore raise bare Exception with a spec dump
         folder = os.path.join(os.fspath(manager.directory), str(step))
+        _DAMAGED.add(folder)
         damaged = DamagedCheckpointError(step, folder, list(manager.all_steps()), err)
     raise damaged  # outside the except: no chained TensorStore dump
 
