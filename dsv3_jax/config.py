@@ -23,6 +23,7 @@ _MODEL_TYPES = ("deepseek_v3", "kimi_k2")  # Kimi K2 ships the DeepSeek-V3 archi
 # between training and sampling of the same weights.
 IMPLEMENTATION_FIELDS = (
     "dtype", "param_dtype", "remat", "moe_impl", "mla_decode", "attention_kernel",
+    "sharding_rules",
 )  # fmt: skip
 
 
@@ -171,8 +172,15 @@ class ModelConfig:
     mla_decode: str = "absorbed"
     # "reference" (jnp) or "pallas" (dsv3_jax.kernels: flash attention, latent decode attention).
     attention_kernel: str = "reference"
+    # Logical axis name -> mesh axes (dsv3_jax.sharding); None: sharding.DEFAULT_RULES. Set by
+    # sharding.shard_model and the loaders' rules= argument; used only under a multi-device mesh.
+    sharding_rules: tuple | None = None
 
     def __post_init__(self):
+        if self.sharding_rules is not None:  # JSON gives lists: back to the tuple table
+            from dsv3_jax.sharding import check_rules  # noqa: PLC0415
+
+            object.__setattr__(self, "sharding_rules", check_rules(self.sharding_rules))
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             # The dict form config.json uses: {"type": "yarn", "factor": 40, ...}.
             object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))

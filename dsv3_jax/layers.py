@@ -1,8 +1,9 @@
 """Building blocks shared by every module: the one linear helper, RMSNorm, embedding, SwiGLU MLP.
 
-Every parameter is created here with its logical axis names (``out_sharding`` metadata: embed, vocab,
-heads, q_lora, kv_lora, mlp, experts; ``layers`` is added by the layer scan). A later issue maps the
-names to a device mesh. Kernels are stored [in, out] (HF stores [out, in]; conversion transposes).
+Every parameter is created here with its logical axis names (``out_sharding`` metadata: embed,
+vocab, q_heads, kv_heads, o_heads, q_lora, kv_lora, mlp, shared_mlp, experts, expert_mlp, router,
+mtp_concat; ``layers`` is added by the layer scan); ``dsv3_jax.sharding`` maps them to a device
+mesh. Kernels are stored [in, out] (HF stores [out, in]; conversion transposes).
 
 Implementation settings (``config.IMPLEMENTATION_FIELDS``: computation dtype, kernels, ...) are
 never copied into a module: every module keeps the ModelConfig and reads it when called, so
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.sharding import constrain
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -99,17 +101,22 @@ class Embed(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         dtype = dtype_of(self.config.dtype)
-        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)  # [b, s, d]
+        h = jnp.take(self.embedding[...], ids, axis=0).astype(dtype)  # [b, s, d]
+        return constrain(h, ("batch", "seq", "act_embed"), self.config.sharding_rules)
 
 
 class MLP(nnx.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)) (dense layers and shared experts)."""
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)) (dense layers and shared experts).
 
-    def __init__(self, config: ModelConfig, intermediate_size: int, *, rngs):
+    ``width`` is the logical name of the intermediate dimension: "mlp" (dense layers) or
+    "shared_mlp" (shared experts), so the two can be sharded differently.
+    """
+
+    def __init__(self, config: ModelConfig, intermediate_size: int, *, rngs, width: str = "mlp"):
         d, f = config.hidden_size, intermediate_size
-        self.gate_proj = Linear(d, f, ("embed", "mlp"), config, rngs=rngs)
-        self.up_proj = Linear(d, f, ("embed", "mlp"), config, rngs=rngs)
-        self.down_proj = Linear(f, d, ("mlp", "embed"), config, rngs=rngs)
+        self.gate_proj = Linear(d, f, ("embed", width), config, rngs=rngs)
+        self.up_proj = Linear(d, f, ("embed", width), config, rngs=rngs)
+        self.down_proj = Linear(f, d, (width, "embed"), config, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

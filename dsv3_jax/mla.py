@@ -27,6 +27,10 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels.flash_attention import flash_attention
 from dsv3_jax.kernels.mla_decode import latent_attention
 from dsv3_jax.layers import Linear, RMSNorm, dtype_of
+from dsv3_jax.sharding import constrain
+
+HEADS = ("batch", "seq", "act_heads", None)  # [b, s, h, .] activations: heads over tensor
+CACHE = ("batch", "cache_seq", "cache_latent")  # one layer's latent cache [b, t, .]
 
 # The latent norms use RMSNorm's default eps whatever rms_norm_eps says (official model.py and HF).
 LATENT_NORM_EPS = 1e-6
@@ -62,16 +66,16 @@ class MLA(nnx.Module):
             config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, config.kv_lora_rank,
         )  # fmt: skip
         if config.q_lora_rank is None:
-            self.q_proj = Linear(d, h * (n + r), ("embed", "heads"), config, rngs=rngs)
+            self.q_proj = Linear(d, h * (n + r), ("embed", "q_heads"), config, rngs=rngs)
         else:
             q = config.q_lora_rank
             self.q_a_proj = Linear(d, q, ("embed", "q_lora"), config, rngs=rngs)
             self.q_a_layernorm = RMSNorm(q, "q_lora", config, eps=LATENT_NORM_EPS)
-            self.q_b_proj = Linear(q, h * (n + r), ("q_lora", "heads"), config, rngs=rngs)
+            self.q_b_proj = Linear(q, h * (n + r), ("q_lora", "q_heads"), config, rngs=rngs)
         self.kv_a_proj_with_mqa = Linear(d, c + r, ("embed", "kv_lora"), config, rngs=rngs)
         self.kv_a_layernorm = RMSNorm(c, "kv_lora", config, eps=LATENT_NORM_EPS)
-        self.kv_b_proj = Linear(c, h * (n + v), ("kv_lora", "heads"), config, rngs=rngs)
-        self.o_proj = Linear(h * v, d, ("heads", "embed"), config, rngs=rngs)
+        self.kv_b_proj = Linear(c, h * (n + v), ("kv_lora", "kv_heads"), config, rngs=rngs)
+        self.o_proj = Linear(h * v, d, ("o_heads", "embed"), config, rngs=rngs)
 
     def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         cfg = self.config
@@ -101,7 +105,8 @@ class MLA(nnx.Module):
         q = q.reshape(*x.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)  # [b, s, h, n + r]
         q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
         q_rope = self._rope(q_rope, positions)
-        return q_nope, q_rope
+        rules = cfg.sharding_rules
+        return constrain(q_nope, HEADS, rules), constrain(q_rope, HEADS, rules)
 
     def __call__(
         self,
@@ -140,6 +145,7 @@ class MLA(nnx.Module):
             c_kv, k_rope = self.latent(x, positions)
         if cache is not None:
             cache = write_cache(cache, c_kv, k_rope, positions[:, 0])
+            cache = LatentCache(*(constrain(x, CACHE, cfg.sharding_rules) for x in cache))
         if cache is None or prefill:
             out = self._attend_new(q_nope, q_rope, c_kv, k_rope, positions)
         elif cfg.mla_decode == "absorbed":
@@ -156,6 +162,7 @@ class MLA(nnx.Module):
             kv = self.kv_b_proj(c_kv).reshape(
                 *c_kv.shape[:2], cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim
             )  # [b, t, h, n + v]
+        kv = constrain(kv, HEADS, cfg.sharding_rules)
         return kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
 
     def _attend_new(self, q_nope, q_rope, c_kv, k_rope, positions) -> jax.Array:

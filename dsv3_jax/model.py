@@ -21,6 +21,11 @@ from dsv3_jax.config import IMPLEMENTATION_FIELDS, ModelConfig
 from dsv3_jax.layers import MLP, Embed, Linear, RMSNorm, linear
 from dsv3_jax.mla import MLA, LatentCache, init_cache
 from dsv3_jax.moe import MoE
+from dsv3_jax.sharding import constrain, use_mesh_of
+
+TOKENS = ("batch", "seq", "act_embed")  # hidden states [b, s, d] between blocks
+LOGITS = ("batch", "seq", "act_vocab")
+STACKED_CACHE = ("layers", "batch", "cache_seq", "cache_latent")
 
 
 class DecoderLayer(nnx.Module):
@@ -52,15 +57,21 @@ def _stack(config: ModelConfig, moe: bool, n: int, rngs: nnx.Rngs) -> DecoderLay
     return create(rngs.split(n))
 
 
-def _run_stack(layers: DecoderLayer, h, positions, cache, remat: bool, prefill: bool = False):
-    """Scans ``h`` through a stack of layers; cache leaves carry a leading [l] axis."""
+def _run_stack(
+    layers: DecoderLayer, h, positions, cache, remat: bool, prefill: bool = False, rules=None
+):
+    """Scans ``h`` through a stack of layers; cache leaves carry a leading [l] axis.
+
+    ``h`` is pinned to the batch sharding at each block boundary (``rules``: the sharding table);
+    with FSDP, XLA gathers each layer's weight shards inside the body, one layer at a time.
+    """
     graphdef, state = nnx.split(layers)
 
     def body(h, xs):
         layer_state, layer_cache = xs
         layer = nnx.merge(graphdef, layer_state)
-        h, aux, layer_cache = layer(h, positions, layer_cache, prefill)
-        return h, (aux, layer_cache)
+        h, aux, layer_cache = layer(constrain(h, TOKENS, rules), positions, layer_cache, prefill)
+        return constrain(h, TOKENS, rules), (aux, layer_cache)
 
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
@@ -154,10 +165,11 @@ class DeepseekV3(nnx.Module):
                 f"return_mtp needs more than {self.num_mtp} tokens per row, got {input_ids.shape[1]}"
             )
         input_ids = jnp.asarray(input_ids)
-        out = self.forward(input_ids)
-        if not return_mtp:
-            return out.logits
-        return out.logits, self.mtp_forward(input_ids, out.hidden)[0]
+        with use_mesh_of(self):  # a model placed on a mesh runs sharded
+            out = self.forward(input_ids)
+            if not return_mtp:
+                return out.logits
+            return out.logits, self.mtp_forward(input_ids, out.hidden)[0]
 
     def expert_choices(self, input_ids) -> jax.Array:
         """The routed experts each token goes to in each MoE layer of the main model.
@@ -176,7 +188,8 @@ class DeepseekV3(nnx.Module):
         check_input_ids(input_ids, self.config.vocab_size, self.config.max_position_embeddings)
         if self.moe_layers is None:
             raise ValueError("this model has no MoE layers (first_k_dense_replace >= layers)")
-        return self.forward(jnp.asarray(input_ids)).aux["experts"]
+        with use_mesh_of(self):
+            return self.forward(jnp.asarray(input_ids)).aux["experts"]
 
     # ------------------------------------------------------------------ jittable pieces
     def forward(
@@ -209,7 +222,7 @@ class DeepseekV3(nnx.Module):
             if layers is None:
                 continue
             h, layer_aux, new_cache[name] = _run_stack(
-                layers, h, positions, cache.get(name), cfg.remat, prefill
+                layers, h, positions, cache.get(name), cfg.remat, prefill, cfg.sharding_rules
             )
             if name == "moe":
                 aux = layer_aux
@@ -218,6 +231,7 @@ class DeepseekV3(nnx.Module):
         if logits_index is not None:
             head_in = jnp.take_along_axis(hidden, logits_index[:, None, None], axis=1)  # [b, 1, d]
         logits = self.lm_head(head_in, out_dtype=jnp.float32)  # [b, s, w]
+        logits = constrain(logits, LOGITS, cfg.sharding_rules)
         if "mtp" in cache:
             new_cache["mtp"] = cache["mtp"]
         return ModelOutput(logits, hidden, aux, new_cache if cache else None)
@@ -270,15 +284,16 @@ class DeepseekV3(nnx.Module):
         """Empty latent cache for every layer (see mla.LatentCache); ``mtp`` adds module 1's."""
         cfg = self.config
         cache = {}
+        pin = lambda c: LatentCache(*(constrain(x, STACKED_CACHE, cfg.sharding_rules) for x in c))  # noqa: E731
         if mtp:
             if not self.num_mtp:
                 raise ValueError("this model has no MTP modules (loaded without MTP weights)")
             one = init_cache(cfg, 1, batch, max_len, dtype)
             cache["mtp"] = LatentCache(one.c_kv[0], one.k_rope[0])
         if cfg.num_dense_layers:
-            cache["dense"] = init_cache(cfg, cfg.num_dense_layers, batch, max_len, dtype)
+            cache["dense"] = pin(init_cache(cfg, cfg.num_dense_layers, batch, max_len, dtype))
         if cfg.num_moe_layers:
-            cache["moe"] = init_cache(cfg, cfg.num_moe_layers, batch, max_len, dtype)
+            cache["moe"] = pin(init_cache(cfg, cfg.num_moe_layers, batch, max_len, dtype))
         return cache
 
 

@@ -22,6 +22,7 @@ the real work.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,9 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, dtype_of, eager_sharding, param
+from dsv3_jax.sharding import constrain
+
+TOKENS = ("batch", "seq", "act_embed")  # [b, s, d] entering and leaving the layer
 
 
 class ExpertBias(nnx.Variable):
@@ -170,6 +174,50 @@ def expert_ffn(
     return gmm(jax.nn.silu(gmm(x_sorted, w_gate)) * gmm(x_sorted, w_up), w_down)
 
 
+# ----------------------------------------------------------------------------- dispatch / combine
+class Dispatch(NamedTuple):
+    """Where each routed assignment went: rows sorted by expert (see :func:`dispatch`)."""
+
+    x_sorted: jax.Array  # [m, d] token rows grouped by expert (expert 0's rows first)
+    group_sizes: jax.Array  # int32 [e] rows per expert (the expert load), summing to m
+    order: jax.Array  # int32 [m]: sorted row r is flat assignment order[r] (token order // k)
+    token: jax.Array  # int32 [m]: the source token of each sorted row
+
+
+def dispatch(x: jax.Array, idx: jax.Array, num_experts: int) -> Dispatch:
+    """Groups the k copies of each token by expert (dropless; stable, so ties keep token order).
+
+    Args:
+      x: [T, d] tokens. idx: int32 [T, k] routed experts of each token (``route``).
+      num_experts: e.
+    Returns:
+      :class:`Dispatch` with m = T * k rows.
+
+    Under a sharded mesh this is the global sort GSPMD partitions as it sees fit (today: the
+    routing ids are all-gathered); ``dsv3_jax`` replaces dispatch/combine, not the experts, for
+    an explicit all-to-all.
+    """
+    k = idx.shape[-1]
+    flat = idx.reshape(-1)  # [m]
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    token = order // k
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [e]
+    return Dispatch(x[token], group_sizes, order, token)
+
+
+def combine(y: jax.Array, weights: jax.Array, d: Dispatch, num_tokens: int) -> jax.Array:
+    """sum over a token's k rows of gate * expert output (V3 eq. 12's routed sum).
+
+    Args:
+      y: [m, d] expert outputs in :func:`dispatch` order. weights: float32 [T, k] gates g.
+      d: the Dispatch. num_tokens: T.
+    Returns:
+      float32 [T, d].
+    """
+    y = y.astype(jnp.float32) * weights.reshape(-1)[d.order][:, None]
+    return jnp.zeros((num_tokens, y.shape[-1]), jnp.float32).at[d.token].add(y)
+
+
 # ----------------------------------------------------------------------------- module
 class Router(nnx.Module):
     """The gate: kernel [d, e] float32 (HF ``mlp.gate.weight`` transposed) and the correction bias."""
@@ -178,12 +226,12 @@ class Router(nnx.Module):
         self.kernel = param(
             rngs,
             (config.hidden_size, config.n_routed_experts),
-            ("embed", "experts"),
+            ("embed", "router"),
             config.replace(param_dtype="float32"),
         )
         self.e_score_correction_bias = ExpertBias(
             jnp.zeros((config.n_routed_experts,), jnp.float32),
-            out_sharding=("experts",),
+            out_sharding=("router",),
             eager_sharding=eager_sharding(),
         )
 
@@ -202,39 +250,40 @@ class MoE(nnx.Module):
         self.config = config
         e, d, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.gate = Router(config, rngs=rngs)
-        self.gate_proj = param(rngs, (e, d, f), ("experts", "embed", "mlp"), config)
-        self.up_proj = param(rngs, (e, d, f), ("experts", "embed", "mlp"), config)
-        self.down_proj = param(rngs, (e, f, d), ("experts", "mlp", "embed"), config)
+        self.gate_proj = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), config)
+        self.up_proj = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), config)
+        self.down_proj = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), config)
         if config.n_shared_experts:
-            self.shared_experts = MLP(config, config.n_shared_experts * f, rngs=rngs)
+            self.shared_experts = MLP(
+                config, config.n_shared_experts * f, rngs=rngs, width="shared_mlp"
+            )
         else:
             self.shared_experts = None
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """x [b, s, d] -> (out [b, s, d], aux).
+        """x [b, s, d] -> (out [b, s, d], aux): route -> dispatch -> expert_ffn -> combine.
 
-        aux: ``load`` float32 [e] (assignments per expert in this call), ``balance`` (the
-        sequence-wise balance loss without alpha) and ``experts`` int32 [b, s, k] (the routed
-        experts of each token, as ``route`` picked them: highest biased score first).
+        aux: ``load`` float32 [e] (assignments per expert in this call, over the whole global
+        batch under a mesh), ``balance`` (the sequence-wise balance loss without alpha) and
+        ``experts`` int32 [b, s, k] (the routed experts of each token, as ``route`` picked them:
+        highest biased score first).
         """
         cfg = self.config
+        rules = cfg.sharding_rules
         b, s, d = x.shape
         k, e = cfg.num_experts_per_tok, cfg.n_routed_experts
+        x = constrain(x, TOKENS, rules)
         with jax.named_scope("router"):
             scores = self.gate(x)  # [b, s, e]
             weights, idx = route(
                 scores.reshape(-1, e), self.gate.e_score_correction_bias[...], cfg
-            )  # [m/k, k]
+            )  # [b*s, k]
         with jax.named_scope("dispatch"):
-            flat = idx.reshape(-1)  # [m]
-            order = jnp.argsort(flat, stable=True)
-            token = order // k  # [m] source token of each sorted row
-            group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [e]
-            x_sorted = x.reshape(-1, d)[token]  # [m, d]
+            sent = dispatch(x.reshape(-1, d), idx, e)
         with jax.named_scope("experts"):
             y = expert_ffn(
-                x_sorted,
-                group_sizes,
+                sent.x_sorted,
+                sent.group_sizes,
                 self.gate_proj[...],
                 self.up_proj[...],
                 self.down_proj[...],
@@ -242,13 +291,12 @@ class MoE(nnx.Module):
                 cfg.moe_impl,
             )  # [m, d]
         with jax.named_scope("combine"):
-            y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-            routed = jnp.zeros((b * s, d), jnp.float32).at[token].add(y).reshape(b, s, d)
-        out = routed.astype(x.dtype)
+            routed = combine(y, weights, sent, b * s).reshape(b, s, d)
+        out = constrain(routed.astype(x.dtype), TOKENS, rules)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         aux = {
-            "load": group_sizes.astype(jnp.float32),
+            "load": sent.group_sizes.astype(jnp.float32),
             "balance": sequence_balance_loss(scores, idx.reshape(b, s, k), e),
             "experts": idx.reshape(b, s, k),
         }

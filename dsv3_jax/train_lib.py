@@ -22,6 +22,7 @@ from flax import nnx
 
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.moe import ExpertBias, update_expert_bias
+from dsv3_jax.sharding import constrain_tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +153,16 @@ def train_step(
     ``metrics["finite"]`` (bool scalar) says whether the loss and the gradient norm are finite. With
     ``skip_nonfinite`` a non-finite step changes nothing: params, biases and optimizer state (its
     step count included) come back as they went in.
+
+    Under a mesh (``jax.set_mesh``), gradients, the new parameters and the AdamW moments are pinned
+    to the parameters' shardings (the model config's sharding rules); the expert loads behind the
+    bias update are those of the whole global batch (the program is global), so every replica
+    applies the same update.
     """
+    rules = nnx.merge(graphdef, params, biases).config.sharding_rules
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, metrics), grads = grad_fn(params, biases, graphdef, tokens, weights)
+    grads = constrain_tree(grads, rules)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -165,7 +173,7 @@ def train_step(
     )
     if skip_nonfinite:
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, (params, biases, opt_state))
-    params, biases, opt_state = new
+    params, biases, opt_state = constrain_tree(new, rules)
     load = metrics["main_load"]
     out = {
         "loss": loss,
@@ -178,6 +186,12 @@ def train_step(
     if "mtp_ce" in metrics:
         out["mtp_ce"] = metrics["mtp_ce"]
     return params, biases, opt_state, out
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: nnx.State, rules=None):
+    """``tx.init(params)`` with the moments placed like the parameters (under the mesh in context;
+    ``rules``: the model config's ``sharding_rules``)."""
+    return jax.jit(lambda p: constrain_tree(tx.init(p), rules))(params)
 
 
 def new_nonfinite_tracker() -> dict:
