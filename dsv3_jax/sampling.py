@@ -33,7 +33,11 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dsv3_jax import sharding
 from dsv3_jax.model import DeepseekV3, check_input_ids
+from dsv3_jax.sharding import constrain
 
 _CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this
 _MIN_PROMPT_BUCKET = 16  # prompt lengths are rounded up to a power of two >= this
@@ -153,10 +157,11 @@ class _StreamSink:
     def __init__(self):
         self.lock = threading.Lock()
         self.target: Callable[[list[list[int]]], None] | None = None
+        self.rows = 0  # the caller's rows (a mesh pads the batch; padding rows are not sent)
 
     def __call__(self, tokens, counts) -> None:
         if self.target is not None:
-            tokens, counts = np.asarray(tokens), np.asarray(counts)
+            tokens, counts = np.asarray(tokens)[: self.rows], np.asarray(counts)[: self.rows]
             self.target([row[:n].tolist() for row, n in zip(tokens, counts, strict=True)])
 
 
@@ -166,6 +171,7 @@ _SINK = _StreamSink()
 def _stream(tokens: jax.Array, counts: jax.Array, stream: bool) -> None:
     """Sends each row's first counts[b] of tokens [b, m] to the host callback (if streaming)."""
     if stream:
+        tokens, counts = (constrain(x, (None,) * x.ndim) for x in (tokens, counts))
         io_callback(_SINK, None, tokens, counts, ordered=True)
 
 
@@ -210,8 +216,10 @@ def _generate_compiled(
     (eos_id < 0: no EOS stop); temperature float32 [] (> 0 unless greedy).
     """
     model = nnx.merge(graphdef, state)
+    rules = model.config.sharding_rules
     b, s = ids.shape
     rows = jnp.arange(b)
+    ids = constrain(ids, ("batch", None), rules)  # rows spread over the data-parallel devices
     cache = model.init_cache(b, cache_len, mtp=speculative)
     buf = jnp.zeros((b, cache_len), jnp.int32).at[:, :s].set(ids)
     out = model.forward(ids, cache=cache, prefill=True, logits_index=lengths - 1)
@@ -244,7 +252,7 @@ def _generate_compiled(
 
         carry = (loop, first, cache, key)
         carry = jax.lax.while_loop(lambda c: ~jnp.all(c[0].done), body, carry)
-        return carry[0]
+        return _replicated(carry[0])
 
     # Speculative: draft the token after ``first`` with MTP module 1 over the prompt.
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -313,7 +321,12 @@ def _generate_compiled(
 
     carry = (loop, first, draft, q, cache, key)
     carry = jax.lax.while_loop(lambda c: ~jnp.all(c[0].done), spec_body, carry)
-    return carry[0]
+    return _replicated(carry[0])
+
+
+def _replicated(loop: _Loop) -> _Loop:
+    """The result on every device (under a mesh), so every process can read it."""
+    return jax.tree.map(lambda x: constrain(x, (None,) * x.ndim), loop)
 
 
 # ---------------------------------------------------------------------- public API
@@ -430,6 +443,12 @@ def generate(
     if max_new_tokens == 0:
         result = jnp.asarray(np.stack(prompts)) if as_array else [p.tolist() for p in prompts]
         return (result, GenerateStats(0, 0, 0, 0)) if return_stats else result
+    b_asked = len(prompts)
+    mesh = sharding.mesh_of(model)
+    if mesh is not None:  # rows are split over the batch axes: pad to a multiple (dropped after)
+        n = sharding.batch_shards(mesh, cfg.sharding_rules)
+        prompts = prompts + [prompts[0]] * (-len(prompts) % n)
+        lengths = np.array([len(p) for p in prompts], np.int32)
     b = len(prompts)
     s = min(_bucket(int(lengths.max()), _MIN_PROMPT_BUCKET), cfg.max_position_embeddings)
     padded = np.zeros((b, s), np.int32)
@@ -438,18 +457,23 @@ def generate(
     cache_len = -(-(s + max_new_tokens + 2) // _CACHE_BUCKET) * _CACHE_BUCKET
     sampler = Sampler(temperature == 0.0, top_k, top_p)
     graphdef, state = nnx.split(model)
-    with _SINK.lock:
-        _SINK.target = callback
+    args = (
+        padded,
+        lengths,
+        np.int32(max_new_tokens),
+        jax.random.key(seed),
+        np.float32(max(temperature, 1e-6)),
+        np.int32(-1 if eos_id is None else eos_id),
+    )
+    if mesh is not None:  # the same host values on every process: replicated global arrays
+        args = jax.device_put(args, NamedSharding(mesh, PartitionSpec()))
+    with _SINK.lock, sharding.use_mesh_of(model):
+        _SINK.target, _SINK.rows = callback, b_asked
         try:
             loop = _generate_compiled(
                 graphdef,
                 state,
-                jnp.asarray(padded),
-                jnp.asarray(lengths),
-                jnp.int32(max_new_tokens),
-                jax.random.key(seed),
-                jnp.float32(max(temperature, 1e-6)),
-                jnp.int32(-1 if eos_id is None else eos_id),
+                *args,
                 cache_len=cache_len,
                 sampler=sampler,
                 speculative=speculative_mtp,
@@ -458,6 +482,7 @@ def generate(
             buf, n_new = np.asarray(loop.buf), np.asarray(loop.n_new)
         finally:
             _SINK.target = None
+    b = b_asked
     rows = [buf[i, : lengths[i] + n_new[i]] for i in range(b)]
     stats = GenerateStats(int(n_new.sum()), int(loop.steps), int(loop.drafted), int(loop.accepted))
     if as_array:

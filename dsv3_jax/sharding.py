@@ -299,6 +299,11 @@ def abstract_model(build: Callable[[], Any], mesh: Mesh | None = None, rules: An
     )
 
 
+def batch_shards(mesh: Mesh, rules: Any = None) -> int:
+    """How many ways the rules split the batch on ``mesh`` (the product of "batch"'s axes)."""
+    return math.prod(mesh.shape[a] for a in _table(rules).get("batch") or ())
+
+
 def mesh_of(tree: Any) -> Mesh | None:
     """The mesh the arrays of ``tree`` (a model, a state) are placed on, if more than one device."""
     if isinstance(tree, nnx.Module):

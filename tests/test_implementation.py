@@ -28,7 +28,7 @@ SWITCHES = {
     "moe_impl": "ragged",
     "mla_decode": "naive",
     "attention_kernel": "pallas",
-    "sharding_rules": (("batch", "data"), ("experts", "expert")),
+    "sharding_rules": (("batch", ("data",)), ("experts", ("expert",))),  # as check_rules writes it
 }
 
 

@@ -73,14 +73,21 @@ def test_bf16_compute_close_to_float32():
 def test_layers_declare_logical_axes(model):
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     axes = lambda *p: tuple(flat[p].get_metadata()["out_sharding"])
-    assert axes("moe_layers", "mlp", "gate_proj") == ("layers", "experts", "embed", "mlp")
+    assert axes("moe_layers", "mlp", "gate_proj") == ("layers", "experts", "embed", "expert_mlp")
+    assert axes("moe_layers", "mlp", "shared_experts", "down_proj", "kernel") == (
+        "layers", "shared_mlp", "embed",
+    )  # fmt: skip
+    assert axes("dense_layers", "mlp", "up_proj", "kernel") == ("layers", "embed", "mlp")
     assert axes("embed_tokens", "embedding") == ("vocab", "embed")
+    assert axes("lm_head", "kernel") == ("embed", "vocab")
     assert axes("dense_layers", "self_attn", "kv_b_proj", "kernel") == (
-        "layers",
-        "kv_lora",
-        "heads",
-    )
-    assert axes("moe_layers", "mlp", "gate", "e_score_correction_bias") == ("layers", "experts")
+        "layers", "kv_lora", "kv_heads",
+    )  # fmt: skip
+    assert axes("dense_layers", "self_attn", "q_b_proj", "kernel") == (
+        "layers", "q_lora", "q_heads",
+    )  # fmt: skip
+    assert axes("dense_layers", "self_attn", "o_proj", "kernel") == ("layers", "o_heads", "embed")
+    assert axes("moe_layers", "mlp", "gate", "e_score_correction_bias") == ("layers", "router")
     for path, var in flat.items():  # every variable declares one name per axis
         assert len(var.get_metadata()["out_sharding"]) == var.ndim, path
 
