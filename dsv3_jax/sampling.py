@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
-
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax import sharding
