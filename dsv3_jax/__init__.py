@@ -12,6 +12,7 @@ from dsv3_jax.hf_io import CheckpointError, load_hf_checkpoint
 from dsv3_jax.mla import kv_cache_bytes_per_token
 from dsv3_jax.model import DeepseekV3, count_params
 from dsv3_jax.sampling import generate
+from dsv3_jax.sharding import make_mesh, shard_model
 
 __all__ = [
     "CheckpointError",
@@ -23,4 +24,6 @@ __all__ = [
     "kv_cache_bytes_per_token",
     "load_checkpoint",
     "load_hf_checkpoint",
+    "make_mesh",
+    "shard_model",
 ]

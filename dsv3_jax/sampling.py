@@ -389,7 +389,10 @@ def generate(
     """Generates up to ``max_new_tokens`` tokens after each prompt, in one compiled loop.
 
     Args:
-      model: a DeepseekV3 (with MTP modules for ``speculative_mtp``).
+      model: a DeepseekV3 (with MTP modules for ``speculative_mtp``). A model placed on a mesh
+        (``sharding.shard_model``, the loaders' ``mesh=``) runs sharded: the rows and the latent
+        cache are split over the batch axes (the batch is padded to a multiple of them; the
+        padding rows are dropped), the result is replicated so every process can read it.
       input_ids: int [b, s] prompts of equal length, or a list of prompts (sequences of ids) of
         any lengths >= 1. Include the BOS yourself (exactly one; ``data.encode_document`` does).
       max_new_tokens: tokens to add per prompt (>= 0).
