@@ -794,7 +794,8 @@ class HFCheckpoint:
     """An HF directory checked against its config from the safetensors headers (no tensor data).
 
     Attributes: path, hf_config (config.json dict), config (ModelConfig), files (SafetensorsDir),
-    has_mtp (MTP modules are read), graphdef and flat (the abstract model's flat state).
+    has_mtp (MTP modules are read), graphdef and flat (the abstract model's flat state: path ->
+    Variable of a ShapeDtypeStruct, carrying its NamedSharding when opened with a mesh).
     """
 
     def __init__(self, path, hf_config, config, files, has_mtp, graphdef, flat):

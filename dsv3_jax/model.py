@@ -377,12 +377,11 @@ def with_rules(config_overrides: dict, rules) -> dict:
     """
     if rules is None:
         return config_overrides
-    rules = sharding.check_rules(rules)
-    stored = None if rules == sharding.DEFAULT_RULES else rules
+    rules, default = sharding.check_rules(rules), sharding.check_rules(sharding.DEFAULT_RULES)
+    stored = None if rules == default else rules
     if "sharding_rules" in config_overrides:
         given = config_overrides["sharding_rules"]
-        given = None if given is None else sharding.check_rules(given)
-        if (given or sharding.DEFAULT_RULES) != rules:
+        if (default if given is None else sharding.check_rules(given)) != rules:
             raise ValueError("rules= and sharding_rules= name different tables; pass one")
     return {**config_overrides, "sharding_rules": stored}
 
