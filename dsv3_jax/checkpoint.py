@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig, dtype_name
-from dsv3_jax.model import DeepseekV3
+from dsv3_jax.model import DeepseekV3, abstract_model, with_rules
 
 
 class DamagedCheckpointError(ValueError):
@@ -131,8 +131,26 @@ def _restore(manager, step: int, **items):
     raise damaged  # outside the except: no chained TensorStore dump
 
 
+def restore_targets(tree: Any) -> Any:
+    """Orbax restore targets for a tree of arrays: each ``jax.Array`` becomes a
+    ``jax.ShapeDtypeStruct`` of its shape, dtype and sharding (a model placed on a mesh restores
+    onto that mesh, shard by shard); other leaves stay as they are."""
+    return jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            if isinstance(x, jax.Array)
+            else x
+        ),
+        tree,
+    )
+
+
 def restore_training(manager, step: int, model_state: nnx.State, opt_state, data_iter):
     """Restores (model_state, opt_state) in place of the given templates; the iterator in place.
+
+    Each array is restored with its template's shape, dtype and sharding (:func:`restore_targets`):
+    templates placed on a mesh (any shape, not necessarily the one saved from) get arrays on that
+    mesh, each device reading only its shards; single-device templates get single-device arrays.
 
     Raises:
       DamagedCheckpointError: the step's files cannot be read.
@@ -140,8 +158,8 @@ def restore_training(manager, step: int, model_state: nnx.State, opt_state, data
     restored = _restore(
         manager,
         step,
-        model=ocp.args.StandardRestore(model_state),
-        opt=ocp.args.StandardRestore(opt_state),
+        model=ocp.args.StandardRestore(restore_targets(model_state)),
+        opt=ocp.args.StandardRestore(restore_targets(opt_state)),
         data=grain.checkpoint.CheckpointRestore(data_iter),
     )
     return restored["model"], restored["opt"]
@@ -172,7 +190,12 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, step: int | None = None, dtype=None, **config_overrides
+    path: str | os.PathLike,
+    step: int | None = None,
+    dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
+    **config_overrides,
 ) -> tuple[DeepseekV3, dict]:
     """Loads a model from a training checkpoint or a ``convert.py hf_to_orbax`` folder.
 
@@ -183,26 +206,36 @@ def load_checkpoint(
         step 0).
       dtype: parameter and computation dtype (e.g. ``jnp.float32``; default: as saved). The router
         and the correction bias stay float32; FP8 weights kept by ``--keep_fp8`` are dequantized.
+      mesh: None: every array on the default device. A mesh (``sharding.make_mesh``, of any
+        shape: not necessarily the one the checkpoint was saved from): orbax restores each
+        parameter and correction bias straight into the NamedSharding the rules give it, each
+        device reading only its shards.
+      rules: a sharding rules table (see ``sharding.DEFAULT_RULES``), kept as
+        ``model.config.sharding_rules``. Default: the ``sharding_rules`` override, else the
+        table saved in the checkpoint's config, else the default.
       config_overrides: ModelConfig implementation fields (e.g. ``remat=True``).
 
     Returns:
       (model, meta) where meta holds ``model_config``, ``vocab`` (original ids or None), ``step``.
+      With a mesh the model is placed on it and runs sharded when called.
 
     Raises:
       FileNotFoundError: no checkpoint there, or not of that step (the kept steps are listed).
       DamagedCheckpointError: (a ValueError) the step's files cannot be read; the message names
         the step folder, the first line of the underlying error and the kept steps.
+      ValueError: a bad step, a bad rules table, ``rules`` and a different ``sharding_rules``.
     """
     if step is not None and (not isinstance(step, (int, np.integer)) or isinstance(step, bool)):
         raise ValueError(f"step must be an int or None, got {step!r}")
     from dsv3_jax import convert_hf  # noqa: PLC0415 (convert_hf imports this module lazily too)
 
+    config_overrides = with_rules(config_overrides, rules)
     if convert_hf.is_converted(path):
         if step not in (None, 0):
             raise ValueError(
                 f"{path} is a converted HF checkpoint (step 0), step={step} was asked for"
             )
-        return convert_hf.load_converted(path, dtype, **config_overrides)
+        return convert_hf.load_converted(path, dtype, mesh=mesh, **config_overrides)
     if dtype is not None:
         name = dtype_name(dtype)
         config_overrides = {"dtype": name, "param_dtype": name, **config_overrides}
@@ -242,11 +275,14 @@ def load_checkpoint(
     try:
         meta = restore_meta(manager, step)
         config = ModelConfig.from_dict({**meta["model_config"], **config_overrides})
-        abstract = nnx.eval_shape(
-            lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=meta.get("mtp", True))
-        )
-        graphdef, abstract_state = nnx.split(abstract)
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
+        # Targets: ShapeDtypeStructs with their shardings; orbax casts to the dtype. Without a
+        # mesh, one device: orbax would otherwise restore onto the mesh the arrays were saved on.
+        graphdef, target = abstract_model(config, meta.get("mtp", True), mesh)
+        if mesh is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            target = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), target
+            )
         restored = _restore(manager, step, model=ocp.args.StandardRestore(target))
     finally:
         manager.close()

@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.config import dtype_name as config_dtype_name
-from dsv3_jax.model import DeepseekV3
+from dsv3_jax.model import DeepseekV3, abstract_model, with_rules
 
 log = logging.getLogger("dsv3_jax")
 
@@ -122,31 +122,49 @@ def scale_grid(shape, block: tuple[int, int]) -> tuple[int, ...]:
     return (*lead, -(-o // block[0]), -(-i // block[1]))
 
 
-def dequantize(w: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+def dequantize(
+    w: np.ndarray, scale: np.ndarray, block: tuple[int, int], offset: tuple[int, int] = (0, 0)
+) -> np.ndarray:
     """FP8 block dequantisation: out[..., r, c] = w[..., r, c] * scale[..., r // bo, c // bi].
 
     Args:
-      w: float8_e4m3fn (or any float) [..., o, i]. scale: float32 [..., ceil(o/bo), ceil(i/bi)].
+      w: float8_e4m3fn (or any float) [..., o, i]: the weight, or a slice of it.
+      scale: float32 [..., ceil(o/bo), ceil(i/bi)] for the whole weight; for a slice, the scale
+        blocks it touches (:func:`scale_box` of its box).
       block: (bo, bi), 128 x 128 in the official checkpoint; edge blocks may be partial.
+      offset: (row, col) of ``w[..., 0, 0]`` in the whole weight (a slice's start).
     Returns:
       float32 [..., o, i], computed one block row at a time (memory: the output and one row).
     Raises:
-      CheckpointError: the scale's shape is not the ceil-div grid of the weight's.
+      CheckpointError: the scale's shape is not the grid of blocks ``w`` covers.
     """
-    if tuple(scale.shape) != scale_grid(w.shape, block):
-        raise CheckpointError(
-            f"FP8 scale shape {tuple(scale.shape)} does not fit weight shape {tuple(w.shape)} in "
-            f"{block[0]}x{block[1]} blocks (expected {scale_grid(w.shape, block)})"
-        )
     bo, bi = block
+    r0, c0 = offset
+    *lead, o, i = w.shape
+    grid = (*lead, -(-(r0 + o) // bo) - r0 // bo, -(-(c0 + i) // bi) - c0 // bi)
+    if tuple(scale.shape) != grid:
+        at = f" at offset {tuple(offset)}" if any(offset) else ""
+        raise CheckpointError(
+            f"FP8 scale shape {tuple(scale.shape)} does not fit weight shape {tuple(w.shape)}{at} "
+            f"in {bo}x{bi} blocks (expected {grid})"
+        )
     out = to_float32(w)
     if out is w:
         out = w.copy()
-    cols = out.shape[-1]
+    cols = (c0 + np.arange(i)) // bi - c0 // bi  # [i]: each column's block
     for r in range(scale.shape[-2]):
-        row = np.repeat(scale[..., r, :].astype(np.float32), bi, axis=-1)[..., :cols]
-        out[..., r * bo : (r + 1) * bo, :] *= row[..., None, :]
+        start = max((r0 // bo + r) * bo - r0, 0)
+        row = scale[..., r, :].astype(np.float32)[..., cols]  # [..., i]
+        out[..., start : (r0 // bo + r + 1) * bo - r0, :] *= row[..., None, :]
     return out
+
+
+def scale_box(box: tuple[tuple[int, int], ...], block: tuple[int, int]) -> tuple:
+    """The scale blocks a weight box touches: ((start, stop) per dim) of [..., o, i] -> the box of
+    its [..., ceil(o/bo), ceil(i/bi)] scale (leading dims unchanged)."""
+    *lead, (r0, r1), (c0, c1) = box
+    bo, bi = block
+    return (*lead, (r0 // bo, -(-r1 // bo)), (c0 // bi, -(-c1 // bi)))
 
 
 def quantize(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -363,6 +381,27 @@ class SafetensorsDir:
                 f"corrupt?): {err}"
             ) from err
 
+    def _raw_box(self, name: str, box: tuple[tuple[int, int], ...]) -> np.ndarray:
+        # Only the box's bytes are read (safetensors slices the mapped file).
+        fname = self.file_of[name]
+        try:
+            with safe_open(os.path.join(self.path, fname), framework="numpy") as f:
+                return f.get_slice(name)[tuple(slice(a, b) for a, b in box)]
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f"cannot read {name}{list(box)} from {os.path.join(self.path, fname)} "
+                f"(truncated or corrupt?): {err}"
+            ) from err
+
+    def read_box(self, name: str, box: tuple[tuple[int, int], ...]) -> np.ndarray:
+        """``read(name)[a0:b0, a1:b1, ...]`` for box ((a0, b0), (a1, b1), ...), reading only those
+        elements (FP8 weights: and the scale blocks they touch, dequantized to float32)."""
+        x = self._raw_box(name, box)
+        if self.is_fp8(name):
+            scale = self._raw_box(name + SCALE_SUFFIX, scale_box(box, self.block))
+            return dequantize(x, scale, self.block, offset=(box[-2][0], box[-1][0]))
+        return x
+
     def read(self, name: str) -> np.ndarray:
         """The tensor as stored, FP8 weights dequantized to float32 with their scale."""
         x = self._raw(name)
@@ -456,10 +495,135 @@ def _read_weight_map(index: str) -> dict[str, str]:
     return weight_map
 
 
+# ----------------------------------------------------------------------------- lazy tensors
+Box = tuple[tuple[int, int], ...]  # (start, stop) per dimension
+
+
+class Lazy:
+    """A tensor the conversion table makes from HF tensors, read only where it is asked for.
+
+    The table's readers run on these as on numpy arrays (``.T``, ``.transpose``, basic slices,
+    ``.astype``, :func:`stack_pieces`) and build a small expression; :meth:`read` of a box then
+    reads from the files only the elements of that box (one HF tensor at a time): the sliced
+    read that places each device's shard of a parameter without a host copy of the whole model.
+    """
+
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def T(self) -> Lazy:  # noqa: N802 (numpy's name)
+        return _Transposed(self, tuple(reversed(range(self.ndim))))
+
+    def transpose(self, *axes: int) -> Lazy:
+        return _Transposed(self, tuple(axes))
+
+    def astype(self, dtype) -> Lazy:
+        return _Cast(self, np.dtype(dtype))
+
+    def __getitem__(self, key) -> Lazy:
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > self.ndim or not all(isinstance(k, slice) for k in key):
+            raise NotImplementedError(f"Lazy supports basic slices only, got {key!r}")
+        key = key + (slice(None),) * (self.ndim - len(key))
+        ranges = []
+        for k, n in zip(key, self.shape, strict=True):
+            start, stop, step = k.indices(n)
+            if step != 1:
+                raise NotImplementedError(f"Lazy supports step 1 only, got {key!r}")
+            ranges.append((start, max(start, stop)))
+        return _Sliced(self, tuple(ranges))
+
+    def read(self, box: Box) -> np.ndarray:
+        """The elements in ``box`` ((start, stop) per dimension) as a numpy array."""
+        raise NotImplementedError
+
+
+class _Leaf(Lazy):
+    def __init__(self, files: SafetensorsDir, name: str):
+        self.files, self.name, self.shape = files, name, tuple(files.shape_of[name])
+
+    def read(self, box: Box) -> np.ndarray:
+        return self.files.read_box(self.name, box)
+
+
+class _Transposed(Lazy):  # out axis k is the child's axis perm[k]
+    def __init__(self, child: Lazy, perm: tuple[int, ...]):
+        if sorted(perm) != list(range(child.ndim)):
+            raise ValueError(f"bad transpose {perm} of a {child.ndim}-d tensor")
+        self.child, self.perm = child, perm
+        self.shape = tuple(child.shape[a] for a in perm)
+
+    def read(self, box: Box) -> np.ndarray:
+        inner = [None] * len(box)
+        for k, a in enumerate(self.perm):
+            inner[a] = box[k]
+        return self.child.read(tuple(inner)).transpose(self.perm)
+
+
+class _Sliced(Lazy):
+    def __init__(self, child: Lazy, ranges: Box):
+        self.child, self.starts = child, tuple(a for a, _ in ranges)
+        self.shape = tuple(b - a for a, b in ranges)
+
+    def read(self, box: Box) -> np.ndarray:
+        return self.child.read(
+            tuple((s + a, s + b) for s, (a, b) in zip(self.starts, box, strict=True))
+        )
+
+
+class _Cast(Lazy):
+    def __init__(self, child: Lazy, dtype: np.dtype):
+        self.child, self.dtype, self.shape = child, dtype, child.shape
+
+    def read(self, box: Box) -> np.ndarray:
+        return self.child.read(box).astype(self.dtype, copy=False)
+
+
+class _Stacked(Lazy):  # pieces stacked on a new axis 0 (layers, experts)
+    def __init__(self, pieces: list[Lazy]):
+        shapes = {p.shape for p in pieces}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot stack shapes {sorted(shapes)}")
+        self.pieces, self.shape = pieces, (len(pieces), *pieces[0].shape)
+
+    def read(self, box: Box) -> np.ndarray:
+        (a, b), rest = box[0], box[1:]
+        return stack_pieces(b - a, lambda j: self.pieces[a + j].read(rest))
+
+
+def read_sharded(lazy: Lazy, shape, dtype, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A jax.Array of ``sharding`` whose shards are read from ``lazy`` box by box.
+
+    Each distinct shard is read once (devices holding the same shard share it) and cast to
+    ``dtype`` on the host; nothing else of the tensor is read. Memory: this process's shards of
+    this array (plus one HF tensor's piece while a stack is filled).
+
+    Raises:
+      ValueError: ``lazy`` does not have ``shape``.
+    """
+    shape = tuple(shape)
+    if tuple(lazy.shape) != shape:
+        raise ValueError(f"lazy tensor of shape {lazy.shape}, target shape {shape}")
+    shards: dict[Box, np.ndarray] = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        box = tuple(k.indices(n)[:2] for k, n in zip(index, shape, strict=True))
+        if box not in shards:
+            shards[box] = np.ascontiguousarray(cast(lazy.read(box), dtype))
+        return shards[box]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
 # ----------------------------------------------------------------------------- conversion table
-def _stack(n: int, piece: Callable[[int], np.ndarray]):
+def stack_pieces(n: int, piece: Callable[[int], np.ndarray]):
     """Stacks piece(0..n-1) on a new axis 0 into one preallocated numpy array, one piece at a time
-    (memory: the result plus one piece); jnp.stack under jax.eval_shape (shape checks only).
+    (memory: the result plus one piece); jnp.stack under jax.eval_shape (shape checks only); a
+    :class:`Lazy` stack of :class:`Lazy` pieces.
 
     Raises:
       ValueError: pieces of different shapes.
@@ -467,6 +631,8 @@ def _stack(n: int, piece: Callable[[int], np.ndarray]):
     first = piece(0)
     if isinstance(first, jax.core.Tracer):
         return jnp.stack([first, *(piece(j) for j in range(1, n))])
+    if isinstance(first, Lazy):
+        return _Stacked([first, *(piece(j) for j in range(1, n))])
     first = np.asarray(first)
     out = np.empty((n, *first.shape), first.dtype)
     bits = _as_bits(out)
@@ -534,7 +700,7 @@ def _layer_table(prefix: str, config: ModelConfig, moe: bool, fused: bool) -> di
         for n in ("gate_proj", "up_proj", "down_proj"):
             names = [f"{p}mlp.experts.{i}.{n}.weight" for i in range(e)]
             ours[f"mlp.{n}"] = (
-                lambda get, names=names: _stack(len(names), lambda j: get(names[j]).T),
+                lambda get, names=names: stack_pieces(len(names), lambda j: get(names[j]).T),
                 names,
             )
     return ours
@@ -608,7 +774,7 @@ def conversion_table(config: ModelConfig, names: set[str], with_mtp: bool) -> di
         readers = [r for r, _ in entries]
         hf = [n for _, names_ in entries for n in names_]
         table[path] = (
-            lambda get, readers=readers: _stack(len(readers), lambda j: readers[j](get)),
+            lambda get, readers=readers: stack_pieces(len(readers), lambda j: readers[j](get)),
             hf,
         )
     return table
@@ -628,7 +794,8 @@ class HFCheckpoint:
     """An HF directory checked against its config from the safetensors headers (no tensor data).
 
     Attributes: path, hf_config (config.json dict), config (ModelConfig), files (SafetensorsDir),
-    has_mtp (MTP modules are read), graphdef and flat (the abstract model's flat state).
+    has_mtp (MTP modules are read), graphdef and flat (the abstract model's flat state: path ->
+    Variable of a ShapeDtypeStruct, carrying its NamedSharding when opened with a mesh).
     """
 
     def __init__(self, path, hf_config, config, files, has_mtp, graphdef, flat):
@@ -643,7 +810,11 @@ class HFCheckpoint:
 
 
 def open_hf_checkpoint(
-    path: str | os.PathLike, dtype=jnp.float32, drop_mtp: bool = False, **config_overrides
+    path: str | os.PathLike,
+    dtype=jnp.float32,
+    drop_mtp: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    **config_overrides,
 ) -> HFCheckpoint:
     """Opens an HF DeepSeek-V3 directory and checks every tensor name, shape and FP8 scale.
 
@@ -652,6 +823,8 @@ def open_hf_checkpoint(
         ``*.safetensors`` (one file or an index with shards), or its config.json.
       dtype: the model's parameter and computation dtype.
       drop_mtp: ignore MTP layers (num_hidden_layers + k) in the files.
+      mesh: with a mesh, the abstract state (``flat``) carries each parameter's NamedSharding
+        (the config's ``sharding_rules``, default ``sharding.DEFAULT_RULES``).
       config_overrides: ModelConfig implementation fields.
 
     Raises:
@@ -700,8 +873,7 @@ def open_hf_checkpoint(
             path,
             config.num_nextn_predict_layers,
         )
-    abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=has_mtp))
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_state = abstract_model(config, has_mtp, mesh)
     flat = dict(nnx.to_flat_state(abstract_state))
     table = conversion_table(config, names, has_mtp)
 
@@ -733,7 +905,11 @@ def open_hf_checkpoint(
 
 
 def load_hf_checkpoint(
-    path: str | os.PathLike, dtype=jnp.float32, **config_overrides
+    path: str | os.PathLike,
+    dtype=jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=None,
+    **config_overrides,
 ) -> DeepseekV3:
     """Loads an HF DeepSeek-V3 directory (config.json + safetensors) into the model.
 
@@ -742,23 +918,41 @@ def load_hf_checkpoint(
         ``model.safetensors.index.json`` with shards (HF per-expert or fused expert names); float32,
         bf16, fp16 or official block-FP8 weights (dequantized with their ``*_scale_inv``).
       dtype: parameter and computation dtype (the router and correction bias stay float32).
+      mesh: None: every array on the default device (each HF tensor read whole). A mesh (e.g.
+        ``sharding.make_mesh({"fsdp": 2, "tensor": 4})``): each parameter and correction bias
+        is placed with the NamedSharding its logical names map to under the rules, shard by
+        shard: every distinct shard of this process's devices is read from the files as a
+        slice (``safe_open(...).get_slice(name)[rows, cols]``: HF weights transposed, stacks
+        of layers and experts read per HF tensor, FP8 blocks dequantized for the slice only),
+        so a process holds its own shards plus one shard in flight, never the whole model.
+      rules: a sharding rules table (``(logical name, mesh axes)`` pairs, see
+        ``sharding.DEFAULT_RULES``), kept as ``model.config.sharding_rules`` so the activation
+        constraints follow it too. Default: the ``sharding_rules`` override, else the default.
       config_overrides: ModelConfig implementation fields (e.g. ``remat=True``).
 
     Returns:
       DeepseekV3. Without MTP tensors in the files (transformers does not save them) the model has
-      no MTP modules, and a warning says so once.
+      no MTP modules, and a warning says so once. Placed on ``mesh``, it runs sharded when called.
 
     Raises:
       FileNotFoundError: no config.json, no safetensors, or a shard named by the index missing.
       CheckpointError: see :func:`open_hf_checkpoint`.
+      ValueError: a bad rules table, or ``rules`` and a different ``sharding_rules`` override.
     """
-    ck = open_hf_checkpoint(path, dtype, **config_overrides)
+    ck = open_hf_checkpoint(path, dtype, mesh=mesh, **with_rules(config_overrides, rules))
     flat = ck.flat
     # The router and correction bias are float32 in the model whatever ``dtype`` is.
-    values = {
-        p: jnp.asarray(reader(ck.files.read), flat[p].dtype)
-        for p, (reader, _) in ck.table().items()
-    }
+    if mesh is None:
+        values = {
+            p: jnp.asarray(reader(ck.files.read), flat[p].dtype)
+            for p, (reader, _) in ck.table().items()
+        }
+    else:
+        leaf = lambda name: _Leaf(ck.files, name)  # noqa: E731
+        values = {}
+        for p, (reader, _) in ck.table().items():
+            target = flat[p].get_value()  # ShapeDtypeStruct with its NamedSharding
+            values[p] = read_sharded(reader(leaf), target.shape, target.dtype, target.sharding)
     ck.files.close()
     state = nnx.from_flat_state([(p, flat[p].replace(values[p])) for p in flat])
     return nnx.merge(ck.graphdef, state)

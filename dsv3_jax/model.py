@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv3_jax import sharding
 from dsv3_jax.config import IMPLEMENTATION_FIELDS, ModelConfig
 from dsv3_jax.layers import MLP, Embed, Linear, RMSNorm, linear
 from dsv3_jax.mla import MLA, LatentCache, init_cache
@@ -340,6 +341,49 @@ def with_implementation(model: DeepseekV3, **changes) -> DeepseekV3:
                 if isinstance(var, nnx.Param):
                     var.set_value(var.get_value().astype(param_dtype))
     return model
+
+
+def abstract_model(
+    config: ModelConfig, mtp: bool = True, mesh: jax.sharding.Mesh | None = None, rules=None
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract state) of ``DeepseekV3(config, mtp=mtp)`` without allocating it.
+
+    The one abstract model every loader builds (safetensors reader, orbax restores).
+
+    Args:
+      config: the ModelConfig. mtp: build its MTP modules.
+      mesh: None: each leaf a ``jax.ShapeDtypeStruct`` (shape, dtype); a mesh: each also carries
+        the NamedSharding the rules give its logical names (see ``sharding.abstract_model``).
+      rules: a sharding rules table; default ``config.sharding_rules`` (None: DEFAULT_RULES).
+
+    Returns:
+      (graphdef, state) with the model's paths, Variable types and ``out_sharding`` metadata;
+      ``nnx.merge(graphdef, state_with_arrays)`` makes the model.
+    """
+    rules = config.sharding_rules if rules is None else rules
+    return sharding.abstract_model(
+        lambda: DeepseekV3(config, rngs=nnx.Rngs(0), mtp=mtp), mesh, rules
+    )
+
+
+def with_rules(config_overrides: dict, rules) -> dict:
+    """``config_overrides`` with ``sharding_rules`` set from a loader's ``rules=`` argument.
+
+    None leaves them as they are; the default table is stored as None (as ``shard_model`` does).
+
+    Raises:
+      ValueError: a bad rules table (named entry), or ``rules`` and a different
+        ``sharding_rules`` override both given.
+    """
+    if rules is None:
+        return config_overrides
+    rules, default = sharding.check_rules(rules), sharding.check_rules(sharding.DEFAULT_RULES)
+    stored = None if rules == default else rules
+    if "sharding_rules" in config_overrides:
+        given = config_overrides["sharding_rules"]
+        if (default if given is None else sharding.check_rules(given)) != rules:
+            raise ValueError("rules= and sharding_rules= name different tables; pass one")
+    return {**config_overrides, "sharding_rules": stored}
 
 
 def check_input_ids(input_ids, vocab_size: int, max_len: int | None = None) -> None:

@@ -276,7 +276,8 @@ def shard_model(model, mesh: Mesh, rules: Any = None):
     from dsv3_jax.model import with_implementation  # noqa: PLC0415 (model imports this module)
 
     rules = check_rules(DEFAULT_RULES if rules is None else rules)
-    with_implementation(model, sharding_rules=None if rules == DEFAULT_RULES else rules)
+    default = rules == check_rules(DEFAULT_RULES)  # the default table is stored as None
+    with_implementation(model, sharding_rules=None if default else rules)
     state = nnx.state(model)
     nnx.update(model, place(state, mesh, rules))
     return model
