@@ -52,7 +52,7 @@ DEFAULT_RULES: Rules = (
     ("mtp_concat", None),  # eh_proj input [Emb; h] (2d; its output dim is embed)
     ("q_lora", None),  # q_lora_rank: small, replicated
     ("kv_lora", None),  # kv_lora_rank (+ rope dim): the shared latent, replicated
-    ("q_heads", "tensor"),  # q_b_proj / q_proj output h*(n+r): whole heads per device
+    ("q_heads", "tensor"),  # q_b_proj / q_proj output h*(n+r) (whole heads when tensor | h)
     ("kv_heads", "tensor"),  # kv_b_proj output h*(n+v): fused key|value per head
     ("o_heads", "tensor"),  # o_proj input h*v (row-parallel)
     ("mlp", "tensor"),  # dense SwiGLU width: gate/up column-, down row-parallel
