@@ -77,7 +77,8 @@ def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence | None = 
 
     Args:
       axes: sizes by axis name, e.g. ``{"data": 2, "expert": 4}``; omitted axes have size 1.
-        None or ``{}``: every device on ``data``.
+        One axis may be -1: it takes the devices the others leave (``{"data": -1, "expert": 4}``
+        on 8 devices is data=2). None or ``{}``: every device on ``data``.
       devices: default ``jax.devices()`` (every process's devices).
 
     Returns:
@@ -94,10 +95,26 @@ def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence | None = 
     if unknown:
         raise ValueError(f"unknown mesh axes {unknown}; the axes are {list(MESH_AXES)}")
     for name, size in axes.items():
-        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"mesh axis {name!r} must have a positive int size, got {size!r}")
+        is_int = isinstance(size, (int, np.integer)) and not isinstance(size, bool)
+        if not is_int or (size < 1 and size != -1):
+            raise ValueError(
+                f"mesh axis {name!r} must have a positive int size (or -1: the rest), got {size!r}"
+            )
+    rest = [name for name, size in axes.items() if size == -1]
+    if len(rest) > 1:
+        raise ValueError(f"only one mesh axis may be -1 (the rest), got {rest}")
     if not axes:
         axes = {"data": len(devices)}
+    if rest:
+        others = math.prod(int(s) for n, s in axes.items() if n != rest[0])
+        if len(devices) % others:
+            sizes = ", ".join(f"{n}={s}" for n, s in axes.items() if n != rest[0])
+            raise ValueError(
+                f"mesh ({sizes}) needs a multiple of {others} devices for {rest[0]}=-1 (the "
+                f"rest), but there are {len(devices)} ({jax.process_count()} process(es) x "
+                f"{jax.local_device_count()} local)"
+            )
+        axes[rest[0]] = len(devices) // others
     shape = tuple(int(axes.get(name, 1)) for name in MESH_AXES)
     if math.prod(shape) != len(devices):
         sizes = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, shape, strict=True))
@@ -333,3 +350,20 @@ def summary(state: Any, mesh: Mesh, rules: Any = None) -> list[str]:
         spec = logical_to_spec(names, rules, shape, mesh) if names else PartitionSpec()
         lines.append(f"{'.'.join(map(str, path))}: {tuple(shape)} {names} -> {spec}")
     return lines
+
+
+def summary_groups(state: Any, mesh: Mesh, rules: Any = None) -> list[str]:
+    """:func:`summary` condensed for logs: one line per distinct (logical names -> spec), with
+    its number of arrays and of values and its first path, largest group first."""
+    groups: dict[str, list] = {}
+    for path, var in nnx.to_flat_state(state):
+        names = _names_of(var)
+        shape = var.get_value().shape
+        spec = logical_to_spec(names, rules, shape, mesh) if names else PartitionSpec()
+        group = groups.setdefault(f"{names} -> {spec}", [0, 0, ".".join(map(str, path))])
+        group[0] += 1
+        group[1] += math.prod(shape)
+    return [
+        f"{key}: {n} arrays, {size:,} values (e.g. {first})"
+        for key, (n, size, first) in sorted(groups.items(), key=lambda kv: -kv[1][1])
+    ]
