@@ -383,7 +383,13 @@ class CompactVocab:
 # ----------------------------------------------------------------------------- pipelines
 
 
-def make_train_dataset(tokens, seq_len: int, batch_size: int, seed: int) -> grain.MapDataset:
+def make_train_dataset(
+    tokens,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shard: grain.sharding.ShardOptions | None = None,
+) -> grain.MapDataset:
     """An infinite, shuffled stream of [batch_size, seq_len + 1] training windows.
 
     Window i is tokens[i * seq_len : (i + 1) * seq_len + 1]: consecutive windows share one token,
@@ -398,15 +404,23 @@ def make_train_dataset(tokens, seq_len: int, batch_size: int, seed: int) -> grai
         seq_len: model context length s.
         batch_size: windows per batch b.
         seed: shuffle seed, 0 <= seed < 2**32.
+        shard: this process's part of every batch (several processes): with
+            ``ShardOptions(k, n)`` each element is rows [k * b / n, (k + 1) * b / n) of the
+            one-process stream's batch at the same step, so the n processes' parts make up
+            exactly its batches. None: whole batches.
 
     Returns:
-        grain.MapDataset of int32 [b, s + 1] arrays.
+        grain.MapDataset of int32 [b, s + 1] arrays ([b / n, s + 1] with ``shard``).
 
     Raises:
-        ValueError: fewer than seq_len + 1 tokens, or seq_len/batch_size < 1.
+        ValueError: fewer than seq_len + 1 tokens, seq_len/batch_size < 1, or a batch_size that
+            the shard count does not divide.
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len=}, {batch_size=}")
+    count = 1 if shard is None else shard.shard_count
+    if batch_size % count:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of the {count} shards")
     n_windows = (len(tokens) - 1) // seq_len
     if n_windows < 1:
         raise ValueError(f"need at least seq_len + 1 = {seq_len + 1} tokens, got {len(tokens)}")
@@ -415,7 +429,11 @@ def make_train_dataset(tokens, seq_len: int, batch_size: int, seed: int) -> grai
         return np.asarray(tokens[i * seq_len : (i + 1) * seq_len + 1], dtype=np.int32)  # [s+1]
 
     ds = grain.MapDataset.range(n_windows).shuffle(seed=seed).repeat().map(window)
-    return ds.batch(batch_size, drop_remainder=True)  # [b, s+1]
+    if count == 1:
+        return ds.batch(batch_size, drop_remainder=True)  # [b, s+1]
+    # Batches of b / n windows; the one-process batch i is batches i * n ... i * n + n - 1.
+    parts = ds.batch(batch_size // count, drop_remainder=True)  # [b/n, s+1]
+    return parts[shard.shard_index :: count]
 
 
 def val_batches(tokens, seq_len: int, batch_size: int, pad_id: int = BOS_ID):
