@@ -1,17 +1,20 @@
 """Train a DeepSeek-V3 on Shakespeare. Rerunning the same command resumes from the latest checkpoint.
 
 python train.py --config=configs/shakespeare.py --workdir=runs/shakespeare [--config.train.steps=N]
+  [--config.mesh.expert=4 ...]  a device mesh (configs/shakespeare.py: mesh)
+  [--coordinator_address=host:port --num_processes=N --process_id=I]  one of N processes
 """
 
 import logging
 import re
 import sys
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from dsv3_jax import checkpoint, trainer
+from dsv3_jax import checkpoint, distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "ml_collections config file.", lock_config=True
@@ -20,6 +23,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, TensorBoard events, logs."
 )
 flags.mark_flags_as_required(["config", "workdir"])
+distributed.define_flags()
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -68,20 +72,25 @@ def main(argv):
     # Our progress lines on stderr; library INFO chatter (orbax, grain) only with --verbosity=0.
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+    try:  # before anything touches a device
+        distributed.initialize_from_flags()
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    prefix = distributed.log_prefix()  # '[process i] ' when there are several
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", "%H:%M:%S"))
     log = logging.getLogger("dsv3_jax")
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     log.addHandler(handler)
     log.propagate = False
     log.info("config:\n%s", _CONFIG.value)
     try:
         trainer.train(_CONFIG.value, _WORKDIR.value)
-    except (trainer.RunConfigError, trainer.NonFiniteError) as err:
-        sys.exit(f"error: {err}")
+    except (trainer.RunConfigError, trainer.NonFiniteError, distributed.PeerFailure) as err:
+        sys.exit(f"{prefix}error: {err}")
     except checkpoint.DamagedCheckpointError as err:
         hint = f"; delete {err.path} to resume from step {err.earlier_steps[-1]}"
-        sys.exit(f"error: {err}{hint if err.earlier_steps else ''}")
+        sys.exit(f"{prefix}error: {err}{hint if err.earlier_steps else ''}")
 
 
 if __name__ == "__main__":

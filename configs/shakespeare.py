@@ -76,4 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
             keep=3,
         )
     )
+    # Device mesh (dsv3_jax/sharding.py): devices per axis, their product = every process's
+    # devices together. -1 (one axis at most) takes the devices the others leave: the default
+    # puts them all on data. E.g. --config.mesh.expert=4 on 8 devices: data=2, expert=4.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
     return c

@@ -12,13 +12,14 @@ import signal
 import tempfile
 import time
 
+import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tensorboardX import SummaryWriter
 
-from dsv3_jax import checkpoint, data, train_lib
+from dsv3_jax import checkpoint, data, distributed, sharding, train_lib
 from dsv3_jax.config import IMPLEMENTATION_FIELDS, ModelConfig
 from dsv3_jax.model import DeepseekV3
 
@@ -27,7 +28,7 @@ log = logging.getLogger("dsv3_jax")
 
 def prepare_data(cfg) -> tuple[np.ndarray, np.ndarray, data.CompactVocab | None]:
     """Token streams (in model ids) and the compact vocabulary (None for the full vocabulary)."""
-    data.build_token_cache(cfg.data.cache_dir)
+    data.build_token_cache(cfg.data.cache_dir, verbose=jax.process_index() == 0)
     train_tokens = np.asarray(data.load_tokens(cfg.data.cache_dir, "train"))
     val_tokens = np.asarray(data.load_tokens(cfg.data.cache_dir, "val"))
     if not cfg.data.compact_vocab:
@@ -131,13 +132,55 @@ def _plain(v):
     return v
 
 
-def evaluate(graphdef, params, biases, batches) -> float:
-    """Held-out loss in nats/token over every masked target of ``batches``."""
+def evaluate(graphdef, params, biases, batches, feeder: BatchFeeder | None = None) -> float:
+    """Held-out loss in nats/token over every masked target of ``batches``.
+
+    ``batches``: (inputs [b, s + 1], mask [b, s]) pairs, whole (global) batches; ``feeder``
+    places this process's rows of each on the mesh (default: one device).
+    """
     total, count = 0.0, 0.0
     for inputs, mask in batches:
-        s, n = train_lib.eval_step(graphdef, params, biases, jnp.asarray(inputs), jnp.asarray(mask))
+        if feeder is not None:
+            inputs, mask = feeder.put(feeder.local(inputs)), feeder.put(feeder.local(mask))
+        s, n = train_lib.eval_step(graphdef, params, biases, inputs, mask)
         total, count = total + float(s), count + float(n)
     return total / count
+
+
+class BatchFeeder:
+    """Global batches of ``rows`` rows on a mesh, split over its batch axes (data, fsdp, expert).
+
+    Each process feeds the rows its devices hold: ``shard`` = ShardOptions(k, n) means rows
+    [k * rows / n, (k + 1) * rows / n) of every global batch (n = 1 in a one-process run).
+    """
+
+    def __init__(self, mesh: Mesh, rows: int):
+        self.rows = rows
+        self.sharding = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
+        spans = {
+            (idx[0].start or 0, rows if idx[0].stop is None else idx[0].stop)
+            for idx in self.sharding.addressable_devices_indices_map((rows, 1)).values()
+        }
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        covered = set().union(*(range(a, b) for a, b in spans))
+        if covered != set(range(lo, hi)) or rows % (hi - lo) or lo % (hi - lo):
+            raise RunConfigError(
+                f"process {jax.process_index()} would feed rows {sorted(spans)} of each batch of "
+                f"{rows}: not one aligned block; use a mesh whose batch axes follow the processes"
+            )
+        self.shard = grain.sharding.ShardOptions(lo // (hi - lo), rows // (hi - lo))
+        self.lo, self.hi = lo, hi
+
+    def local(self, batch: np.ndarray) -> np.ndarray:
+        """This process's rows of a whole batch."""
+        return batch[self.lo : self.hi]
+
+    def put(self, local: np.ndarray) -> jax.Array:
+        """The global batch [rows, ...] made of every process's ``local`` rows."""
+        local = np.asarray(local)
+        return jax.make_array_from_process_local_data(
+            self.sharding, local, (self.rows, *local.shape[1:])
+        )
 
 
 class RunConfigError(ValueError):
@@ -231,20 +274,117 @@ def _model_config(cfg, vocab) -> ModelConfig:
         raise RunConfigError(f"config.model: {err}") from err
 
 
+def make_mesh(cfg) -> Mesh:
+    """The mesh of ``config.mesh`` (all devices on data without that section)."""
+    axes = dict(cfg.get("mesh") or {})
+    try:
+        return sharding.make_mesh(axes)
+    except ValueError as err:
+        raise RunConfigError(f"config.mesh: {err}") from err
+
+
+def check_batches(cfg, mesh: Mesh) -> None:
+    """Raises RunConfigError unless the batch sizes split evenly over the mesh's batch axes."""
+    ways = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    for name, rows in (
+        ("train.batch_size", cfg.train.batch_size),
+        ("data.eval_batch_size", cfg.data.eval_batch_size),
+    ):
+        if rows % ways:
+            axes = " x ".join(f"{a}={mesh.shape[a]}" for a in sharding.BATCH_AXES)
+            raise RunConfigError(
+                f"config.{name}={rows} must be a multiple of {ways}, the devices the batch is "
+                f"split over ({axes} of config.mesh)"
+            )
+
+
 def train(cfg, workdir: str) -> dict:
     """Trains (or resumes) and returns the final metrics (including ``val_loss``).
+
+    The model, optimizer state and batches live on the mesh of ``config.mesh`` (every device of
+    every process); with several processes (``distributed.initialize`` first) each one reads its
+    own rows of every global batch, and the global batches are the one-process run's.
 
     A step whose loss or gradient norm is not finite stops the run (``NonFiniteError``) or, with
     ``train.skip_nonfinite``, is skipped (nothing changes) unless more than
     ``train.max_consecutive_skips`` come in a row. No checkpoint with a non-finite value is saved.
 
     Raises:
-      RunConfigError: a setting that cannot work, a workdir holding a run of another model or a
-        non-finite latest checkpoint, data ids outside ``model.vocab_size``. A workdir that did
-        not exist is created only after every check but the last two has passed.
+      RunConfigError: a setting that cannot work (a mesh that is not the device count, batch
+        sizes it does not split), processes started with different configs, a workdir holding a
+        run of another model or a non-finite latest checkpoint, data ids outside
+        ``model.vocab_size``. A workdir that did not exist is created only after every check but
+        the last two has passed.
+      distributed.PeerFailure: another process stopped with an error while preparing the run.
       NonFiniteError: see above; the checkpoints saved before stay as they are.
     """
+    try:
+        distributed.check_same("config", {"config": cfg.to_dict(), "workdir": workdir})
+    except ValueError as err:
+        raise RunConfigError(str(err)) from None
+    failure = prepared = None
+    try:  # every process checks, reads and builds; then they agree (no one waits for a failed one)
+        prepared = _prepare(cfg, workdir)
+    except Exception as err:  # noqa: BLE001 (re-raised by agree)
+        failure = err
+    distributed.agree(failure, "checking the config and preparing the data and model")
+    mesh, model, mcfg, vocab, train_tokens, val_tokens = prepared
+    t = cfg.train
+    skip_nonfinite = bool(t.get("skip_nonfinite", False))
+    max_skips = int(t.get("max_consecutive_skips", 0)) if skip_nonfinite else 0
+    with jax.set_mesh(mesh):
+        sharding.shard_model(model, mesh)
+        graphdef, params, biases = train_lib.split_model(model)
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        log.info("model: %s parameters", f"{n_params:,}")
+        log.info("%s", sharding.describe(mesh))
+        for line in sharding.summary_groups(nnx.state(model), mesh, mcfg.sharding_rules):
+            log.info("  %s", line)
+
+        decay_start = int(t.steps * t.decay_start_fraction)
+        schedule = train_lib.lr_schedule(t.lr, t.min_lr, t.warmup_steps, decay_start, t.steps)
+        tx = train_lib.make_optimizer(
+            schedule,
+            b1=t.b1,
+            b2=t.b2,
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            clip=t.clip,
+            mask=train_lib.decay_mask(params, t.decay_embeddings),
+        )
+        opt_state = train_lib.init_opt_state(tx, params, model.config.sharding_rules)
+        weights = train_lib.LossWeights(t.mtp_lambda, t.balance_alpha, t.bias_gamma)
+        feed = BatchFeeder(mesh, t.batch_size)
+        dataset = data.make_train_dataset(
+            train_tokens, cfg.data.seq_len, t.batch_size, t.seed, shard=feed.shard
+        )
+        data_iter = iter(dataset)
+        val = data.val_batches(
+            val_tokens, cfg.data.seq_len, cfg.data.eval_batch_size, pad_id=mcfg.bos_token_id
+        )
+        val_feed = BatchFeeder(mesh, cfg.data.eval_batch_size)
+
+        os.makedirs(workdir, exist_ok=True)  # only now: a run refused above leaves no folder
+        manager = checkpoint.make_manager(workdir, t.keep)
+        try:
+            return _train_loop(
+                cfg, workdir, manager, model, mcfg, vocab, schedule, tx, opt_state, weights,
+                data_iter, feed, val, val_feed, skip_nonfinite, max_skips,
+            )  # fmt: skip
+        finally:  # a stopped run still completes the (good) checkpoint being written
+            manager.wait_until_finished()
+            manager.close()
+
+
+def _prepare(cfg, workdir: str):
+    """Checks the config, makes the mesh, reads the data, builds (or loads) the model.
+
+    Returns:
+      (mesh, model (on one device), its ModelConfig, vocab, train tokens, val tokens).
+    """
     check_run_config(cfg, workdir)
+    mesh = make_mesh(cfg)
+    check_batches(cfg, mesh)
     log.info(
         "jax %s on %s, devices %s, python %s",
         jax.__version__,
@@ -252,9 +392,6 @@ def train(cfg, workdir: str) -> dict:
         jax.devices(),
         platform.python_version(),
     )
-    t = cfg.train
-    skip_nonfinite = bool(t.get("skip_nonfinite", False))
-    max_skips = int(t.get("max_consecutive_skips", 0)) if skip_nonfinite else 0
     try:
         train_tokens, val_tokens, vocab = prepare_data(cfg)
     except OSError as err:
@@ -270,53 +407,22 @@ def train(cfg, workdir: str) -> dict:
                 f"the data holds token id {top} but config.model.vocab_size is {mcfg.vocab_size}; "
                 f"set it above {top} or set config.data.compact_vocab=True"
             )
-        model = DeepseekV3(mcfg, rngs=nnx.Rngs(t.seed))
+        model = DeepseekV3(mcfg, rngs=nnx.Rngs(cfg.train.seed))
     log.info(
         "train tokens %d, val tokens %d, vocab %d",
         len(train_tokens),
         len(val_tokens),
         mcfg.vocab_size,
     )
-    graphdef, params, biases = train_lib.split_model(model)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    log.info("model: %s parameters", f"{n_params:,}")
-
-    decay_start = int(t.steps * t.decay_start_fraction)
-    schedule = train_lib.lr_schedule(t.lr, t.min_lr, t.warmup_steps, decay_start, t.steps)
-    tx = train_lib.make_optimizer(
-        schedule,
-        b1=t.b1,
-        b2=t.b2,
-        eps=t.eps,
-        weight_decay=t.weight_decay,
-        clip=t.clip,
-        mask=train_lib.decay_mask(params, t.decay_embeddings),
-    )
-    opt_state = tx.init(params)
-    weights = train_lib.LossWeights(t.mtp_lambda, t.balance_alpha, t.bias_gamma)
-    dataset = data.make_train_dataset(train_tokens, cfg.data.seq_len, t.batch_size, t.seed)
-    data_iter = iter(dataset)
-    val = data.val_batches(
-        val_tokens, cfg.data.seq_len, cfg.data.eval_batch_size, pad_id=mcfg.bos_token_id
-    )
-
-    os.makedirs(workdir, exist_ok=True)  # only now: a run refused above leaves no folder
-    manager = checkpoint.make_manager(workdir, t.keep)
-    try:
-        return _train_loop(
-            cfg, workdir, manager, model, mcfg, vocab, schedule, tx, opt_state, weights,
-            data_iter, val, skip_nonfinite, max_skips,
-        )  # fmt: skip
-    finally:  # a stopped run still completes the (good) checkpoint being written
-        manager.wait_until_finished()
-        manager.close()
+    return mesh, model, mcfg, vocab, train_tokens, val_tokens
 
 
 def _train_loop(
-    cfg, workdir, manager, model, mcfg, vocab, schedule, tx, opt_state, weights, data_iter, val,
-    skip_nonfinite, max_skips,
+    cfg, workdir, manager, model, mcfg, vocab, schedule, tx, opt_state, weights, data_iter, feed,
+    val, val_feed, skip_nonfinite, max_skips,
 ) -> dict:  # fmt: skip
     t = cfg.train
+    primary = jax.process_index() == 0  # writes the logs, config.json, metrics, TensorBoard
     run_config = {"data": cfg.data.to_dict(), "train": cfg.train.to_dict()}
     meta = checkpoint.meta_for(
         mcfg,
@@ -338,6 +444,7 @@ def _train_loop(
                 f"{workdir} holds a run of another model (saved vs now: {diff or 'vocabulary differs'}); "
                 "use a new --workdir or the saved config"
             )
+        _check_processes(workdir, step)
         model_state, opt_state = checkpoint.restore_training(
             manager, step, nnx.state(model), opt_state, data_iter
         )
@@ -361,19 +468,19 @@ def _train_loop(
                 if "train.steps" in changed
                 else "",
             )
-    else:
+    elif primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump({"model_config": mcfg.to_dict(), "run_config": cfg.to_dict()}, f, indent=1)
 
-    writer = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+    writer = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10) if primary else _NoWriter()
     metrics, last = {}, time.time()
     tokens_per_step = t.batch_size * cfg.data.seq_len
     start_step = last_step = step
     # Non-finite steps are counted on the device and read at the log/eval/save points, which
     # sync anyway: no extra host round trip per step.
-    tracker, skipped = train_lib.new_nonfinite_tracker(), 0
+    tracker, skipped = sharding.place(train_lib.new_nonfinite_tracker(), feed.sharding.mesh), 0
     while step < t.steps:
-        batch = jnp.asarray(next(data_iter))
+        batch = feed.put(next(data_iter))  # [b, s + 1] over the batch axes
         params, biases, opt_state, metrics = train_lib.train_step(
             graphdef, tx, weights, params, biases, opt_state, batch, skip_nonfinite=skip_nonfinite
         )
@@ -405,7 +512,7 @@ def _train_loop(
             for k, v in metrics.items():
                 writer.add_scalar(f"train/{k}", v, step)
         if eval_now:
-            metrics["val_loss"] = evaluate(graphdef, params, biases, val)
+            metrics["val_loss"] = evaluate(graphdef, params, biases, val, val_feed)
             log.info("step %d | validation loss %.4f nats/token", step, metrics["val_loss"])
             writer.add_scalar("val/loss", metrics["val_loss"], step)
             last = time.time()
@@ -425,7 +532,7 @@ def _train_loop(
     if skip_nonfinite:
         metrics["skipped_steps"] = skipped
     if step == start_step:  # nothing left to train: report the saved model, rewrite nothing
-        metrics["val_loss"] = evaluate(graphdef, params, biases, val)
+        metrics["val_loss"] = evaluate(graphdef, params, biases, val, val_feed)
         log.info(
             "already at step %d of %d | validation loss %.4f nats/token",
             step,
@@ -433,9 +540,40 @@ def _train_loop(
             metrics["val_loss"],
         )
         return metrics
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-        json.dump(_json_safe(metrics), f, indent=1, allow_nan=False)
+    if primary:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(_json_safe(metrics), f, indent=1, allow_nan=False)
     return metrics
+
+
+class _NoWriter:
+    """The TensorBoard writer of processes other than 0."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _check_processes(workdir: str, step: int) -> None:
+    """Raises RunConfigError if checkpoint ``step`` was written by a job of another process
+    count: each process resumes its own data iterator, saved as data/process_<i>-of-<n>.json."""
+    folder = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "data")
+    n = jax.process_count()
+    if not os.path.isdir(folder) or os.path.exists(
+        os.path.join(folder, f"process_{jax.process_index()}-of-{n}.json")
+    ):
+        return
+    counts = sorted(
+        {f.rsplit("-of-", 1)[1].split(".")[0] for f in os.listdir(folder) if "-of-" in f}
+    )
+    if counts:
+        raise RunConfigError(
+            f"checkpoint step {step} in {checkpoint.checkpoint_dir(workdir)} was written by a job "
+            f"of {' or '.join(counts)} process(es), this one has {n}: resume it with "
+            f"--num_processes={counts[0]} (any mesh), or use a new --workdir"
+        )
 
 
 def _check_nonfinite(tracker, skipped: int, step: int, t, manager, writer) -> int:
