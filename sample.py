@@ -3,8 +3,11 @@
 python sample.py --workdir=runs/shakespeare --prompt="ROMEO:" --max_new_tokens=200
 options: --prompt may repeat (a batch of prompts of any lengths) --chat --speculative_mtp
          --temperature=0.8 --top_k=50 --top_p=0.95 --seed=0 --step=N --checkpoint=DIR --verbose
+         --mesh=data:2,expert:4 (a device mesh; as train.py's config.mesh)
+         --coordinator_address=host:port --num_processes=N --process_id=I (one of N processes)
 """
 
+import contextlib
 import sys
 import time
 
@@ -13,7 +16,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from dsv3_jax import checkpoint, data, sampling
+from dsv3_jax import checkpoint, data, distributed, sampling, sharding
 from dsv3_jax.mla import kv_cache_bytes_per_token
 from dsv3_jax.model import with_implementation
 
@@ -44,13 +47,25 @@ _KERNEL = flags.DEFINE_enum(
     "attention_kernel", "reference", ["reference", "pallas"], "Attention implementation."
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print cache size and speed to stderr.")
+_MESH = flags.DEFINE_string(
+    "mesh",
+    None,
+    "Device mesh, e.g. data:2,expert:4 (axes data, fsdp, expert, tensor; omitted axes 1, data "
+    "takes the devices the others leave, -1 marks another axis as that one). Default: one device, "
+    "or every device on data with several processes.",
+)
+distributed.define_flags()
 
 
 class _Streamer:
-    """Prints row 0's text as its ids arrive (the generate callback); `finish` prints the rest."""
+    """Prints row 0's text as its ids arrive (the generate callback); `finish` prints the rest.
 
-    def __init__(self, tokenizer, vocab):
+    Every process streams (one compiled program for all), only a ``quiet=False`` one prints.
+    """
+
+    def __init__(self, tokenizer, vocab, quiet: bool = False):
         self.decoder = data.StreamDecoder(tokenizer, vocab)
+        self.quiet = quiet
 
     def __call__(self, new: list[list[int]]) -> None:
         self._write(self.decoder.push(new[0]))
@@ -58,15 +73,37 @@ class _Streamer:
     def finish(self) -> None:
         self._write(self.decoder.finish())
 
-    @staticmethod
-    def _write(text: str) -> None:
-        if text:
+    def _write(self, text: str) -> None:
+        if text and not self.quiet:
             sys.stdout.write(text)
             sys.stdout.flush()
 
 
 def _fail(message: str):
-    sys.exit(f"error: {message}")
+    sys.exit(f"{distributed.log_prefix()}error: {message}")
+
+
+def _note(text: str) -> None:
+    """A line on stderr, from process 0 only."""
+    if jax.process_index() == 0:
+        print(text, file=sys.stderr)
+
+
+def _mesh_axes(text: str) -> dict[str, int]:
+    """``data:2,expert:4`` -> {"data": 2, "expert": 4}, with data=-1 (the rest) unless given or
+    another axis is -1 (``sharding.make_mesh`` checks names and sizes)."""
+    axes = {}
+    for part in text.split(","):
+        name, sep, size = part.strip().partition(":")
+        try:
+            if not sep or name in axes:
+                raise ValueError
+            axes[name] = int(size)
+        except ValueError:
+            _fail(f"--mesh={text!r}: expected axis:size pairs such as data:2,expert:4")
+    if "data" not in axes and -1 not in axes.values():
+        axes["data"] = -1
+    return axes
 
 
 def _encode(tokenizer, vocab, text: str, name: str) -> np.ndarray:
@@ -98,6 +135,18 @@ def main(argv):
         absl_logging.set_verbosity(absl_logging.WARNING)  # keep orbax's INFO lines off the terminal
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         _fail("give exactly one of --workdir or --checkpoint")
+    axes = _mesh_axes(_MESH.value) if _MESH.value else None
+    try:  # before anything touches a device
+        several = distributed.initialize_from_flags()
+    except ValueError as err:
+        _fail(str(err))
+    primary = jax.process_index() == 0  # the one process that prints
+    mesh = None
+    if axes is not None or several:
+        try:
+            mesh = sharding.make_mesh(axes)
+        except ValueError as err:
+            _fail(f"--mesh: {err}")
     try:
         sampling.check_sampling_args(
             sys.maxsize,
@@ -117,10 +166,10 @@ def main(argv):
     if _SPECULATIVE.value and not model.num_mtp:
         _fail("--speculative_mtp needs MTP weights, and this checkpoint has none")
     model = with_implementation(model, mla_decode=_MLA_DECODE.value, attention_kernel=_KERNEL.value)
+    if mesh is not None:
+        sharding.shard_model(model, mesh)
     if _TEMPERATURE.value == 0 and (_TOP_K.value is not None or _TOP_P.value is not None):
-        print(
-            "note: --temperature=0 is greedy decoding; --top_k/--top_p are ignored", file=sys.stderr
-        )
+        _note("note: --temperature=0 is greedy decoding; --top_k/--top_p are ignored")
     tokenizer = data.load_tokenizer()
     vocab = data.CompactVocab(meta["vocab"]) if meta.get("vocab") else None
     prompts = [
@@ -139,34 +188,38 @@ def main(argv):
     except ValueError as err:
         _fail(str(err))
     eos = data.EOS_ID if vocab is None else int(vocab.to_compact(np.array([data.EOS_ID]))[0])
-    print(f"[checkpoint step {meta['step']}, {model.config.vocab_size} ids]", file=sys.stderr)
+    _note(f"[checkpoint step {meta['step']}, {model.config.vocab_size} ids]")
+    if mesh is not None:
+        _note(f"[{sharding.describe(mesh)}]")
     if _VERBOSE.value:
         cfg = model.config
         per_token = kv_cache_bytes_per_token(cfg)
-        print(
+        _note(
             f"[latent KV cache: {per_token:,} bytes per token = ({cfg.kv_lora_rank} + "
             f"{cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} layers x {cfg.dtype}; "
-            f"attention {cfg.mla_decode}/{cfg.attention_kernel}; {jax.default_backend()}]",
-            file=sys.stderr,
+            f"attention {cfg.mla_decode}/{cfg.attention_kernel}; {jax.default_backend()}]"
         )
-    streamer = _Streamer(tokenizer, vocab) if len(prompts) == 1 else None
-    if streamer is not None:
+    streamer = _Streamer(tokenizer, vocab, quiet=not primary) if len(prompts) == 1 else None
+    if streamer is not None and primary:
         sys.stdout.write(_PROMPT.value[0])
     start = time.perf_counter()
-    out, stats = sampling.generate(
-        model,
-        [ids.tolist() for ids in prompts],
-        _MAX_NEW.value,
-        temperature=_TEMPERATURE.value,
-        top_k=_TOP_K.value,
-        top_p=_TOP_P.value,
-        seed=_SEED.value,
-        eos_id=eos if _STOP_AT_EOS.value else None,
-        callback=streamer,
-        speculative_mtp=_SPECULATIVE.value,
-        return_stats=True,
-    )
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        out, stats = sampling.generate(
+            model,
+            [ids.tolist() for ids in prompts],
+            _MAX_NEW.value,
+            temperature=_TEMPERATURE.value,
+            top_k=_TOP_K.value,
+            top_p=_TOP_P.value,
+            seed=_SEED.value,
+            eos_id=eos if _STOP_AT_EOS.value else None,
+            callback=streamer,
+            speculative_mtp=_SPECULATIVE.value,
+            return_stats=True,
+        )
     seconds = time.perf_counter() - start
+    if not primary:
+        return
     if streamer is not None:
         streamer.finish()
         sys.stdout.write("\n")
