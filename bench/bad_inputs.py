@@ -134,6 +134,13 @@ def cases(f: dict) -> list[Case]:
            setup=lambda t: _damaged_copy(run, t / "damaged")))  # fmt: skip
     T(Case("train diverging lr", train("--config.train.lr=1e6", "--config.train.steps=3",
            "--config.train.log_every=1"), "not finite"))  # fmt: skip
+    # ------------------------------------------------------------------ mesh and processes
+    T(Case("train mesh not the device count", train("--config.mesh.expert=3"), "config.mesh"))
+    T(Case("train mesh axis of 0", train("--config.mesh.data=0"), "'data'"))
+    T(Case("train processes without coordinator", train("--num_processes=2",
+           "--process_id=0"), "--coordinator_address"))  # fmt: skip
+    T(Case("train process_id out of range", train("--coordinator_address=127.0.0.1:1",
+           "--num_processes=2", "--process_id=2"), "--process_id"))  # fmt: skip
     # ------------------------------------------------------------------ sample.py
     for flag, fault in [
         ("--temperature=-1", "temperature"), ("--temperature=nan", "temperature"),
@@ -151,6 +158,11 @@ def cases(f: dict) -> list[Case]:
     T(Case("sample damaged latest checkpoint", sample(workdir=str(tmp / "damaged")), "--step",
            setup=lambda t: _damaged_copy(run, t / "damaged")))  # fmt: skip
     T(Case("sample chat on compact vocabulary", sample("--chat"), "--chat"))
+    T(Case("sample mesh not the device count", sample("--mesh=expert:2"), "--mesh"))
+    T(Case("sample mesh syntax", sample("--mesh=expert=2"), "--mesh"))
+    T(Case("sample mesh unknown axis", sample("--mesh=gpu:2"), "gpu"))
+    T(Case("sample processes without coordinator", sample("--num_processes=2"),
+           "--coordinator_address"))  # fmt: skip
     # ------------------------------------------------------------------ convert.py
     h2o = ["convert.py", "hf_to_orbax"]
     T(Case("convert missing hf_dir", [*h2o, "--hf_dir=/nonexistent/hf",

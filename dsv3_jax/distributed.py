@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -125,6 +126,14 @@ def initialize(
     ):
         if seconds < 1:
             raise ValueError(f"{name} must be >= 1 second, got {seconds}")
+    # A coordinator that never answers ends in JAX's own abort (DEADLINE_EXCEEDED, RegisterTask)
+    # after the timeout, not in an exception: this line says what was being waited for.
+    print(
+        f"[process {index}] joining a job of {count} processes at {address} (waiting up to "
+        f"{initialization_timeout} s for all of them: --initialization_timeout)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         jax.distributed.initialize(
             address,
