@@ -6,6 +6,7 @@ python train.py --config=configs/shakespeare.py --workdir=runs/shakespeare [--co
 """
 
 import logging
+import os
 import re
 import sys
 
@@ -88,6 +89,9 @@ def main(argv):
         trainer.train(_CONFIG.value, _WORKDIR.value)
     except (trainer.RunConfigError, trainer.NonFiniteError, distributed.PeerFailure) as err:
         sys.exit(f"{prefix}error: {err}")
+    except distributed.PeerLost:  # logged; skip JAX's exit barrier, which waits for the lost one
+        sys.stderr.flush()
+        os._exit(1)
     except checkpoint.DamagedCheckpointError as err:
         hint = f"; delete {err.path} to resume from step {err.earlier_steps[-1]}"
         sys.exit(f"{prefix}error: {err}{hint if err.earlier_steps else ''}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 
 import jax
@@ -25,6 +26,23 @@ from absl import flags
 
 class PeerFailure(RuntimeError):
     """Another process of the job stopped with an error (its own log says which)."""
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another process of the job died or cannot be reached."""
+
+
+def lost_peer(err: Exception) -> PeerLost | None:
+    """A PeerLost for ``err`` if it is a collective that failed on a lost peer in a job of
+    several processes (gloo's 'Connection reset by peer', ...), else None."""
+    text = str(err)
+    if jax.process_count() == 1 or not re.search(r"gloo|connection|peer|unavailable", text, re.I):
+        return None
+    first = (text.strip().splitlines() or [type(err).__name__])[0][:300]
+    return PeerLost(
+        f"lost contact with another process of the job ({first}); it died or cannot be "
+        "reached, its log says why"
+    )
 
 
 def define_flags() -> None:

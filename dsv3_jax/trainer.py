@@ -371,6 +371,12 @@ def train(cfg, workdir: str) -> dict:
                 cfg, workdir, manager, model, mcfg, vocab, schedule, tx, opt_state, weights,
                 data_iter, feed, val, val_feed, skip_nonfinite, max_skips,
             )  # fmt: skip
+        except jax.errors.JaxRuntimeError as err:
+            lost = distributed.lost_peer(err)
+            if lost is None:
+                raise
+            log.error("error: %s", lost)  # now: closing the checkpoints may wait for the lost process
+            raise lost from None
         finally:  # a stopped run still completes the (good) checkpoint being written
             manager.wait_until_finished()
             manager.close()
