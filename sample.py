@@ -8,6 +8,7 @@ options: --prompt may repeat (a batch of prompts of any lengths) --chat --specul
 """
 
 import contextlib
+import os
 import sys
 import time
 
@@ -83,6 +84,15 @@ def _fail(message: str):
     sys.exit(f"{distributed.log_prefix()}error: {message}")
 
 
+def _native_stdout_to_stderr() -> None:
+    """Several processes: native libraries' lines (gloo's "Rank i is connected ...") go to stderr,
+    so stdout holds only the text (Python's sys.stdout keeps the real stdout)."""
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real, "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+
+
 def _note(text: str) -> None:
     """A line on stderr, from process 0 only."""
     if jax.process_index() == 0:
@@ -140,6 +150,8 @@ def main(argv):
         several = distributed.initialize_from_flags()
     except ValueError as err:
         _fail(str(err))
+    if several:
+        _native_stdout_to_stderr()
     primary = jax.process_index() == 0  # the one process that prints
     mesh = None
     if axes is not None or several:
@@ -157,7 +169,9 @@ def main(argv):
             _TOP_P.value,
             _SEED.value,
         )
-        model, meta = checkpoint.load_checkpoint(_WORKDIR.value or _CHECKPOINT.value, _STEP.value)
+        model, meta = checkpoint.load_checkpoint(
+            _WORKDIR.value or _CHECKPOINT.value, _STEP.value, mesh=mesh
+        )
     except checkpoint.DamagedCheckpointError as err:
         earlier = err.earlier_steps
         _fail(f"{err}; sample an earlier one with --step={earlier[-1]}" if earlier else str(err))
@@ -166,8 +180,6 @@ def main(argv):
     if _SPECULATIVE.value and not model.num_mtp:
         _fail("--speculative_mtp needs MTP weights, and this checkpoint has none")
     model = with_implementation(model, mla_decode=_MLA_DECODE.value, attention_kernel=_KERNEL.value)
-    if mesh is not None:
-        sharding.shard_model(model, mesh)
     if _TEMPERATURE.value == 0 and (_TOP_K.value is not None or _TOP_P.value is not None):
         _note("note: --temperature=0 is greedy decoding; --top_k/--top_p are ignored")
     tokenizer = data.load_tokenizer()

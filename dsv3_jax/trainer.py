@@ -44,7 +44,9 @@ def model_config(cfg, vocab: data.CompactVocab | None) -> ModelConfig:
     return ModelConfig.from_dict(fields)
 
 
-def init_from(cfg, vocab: data.CompactVocab | None, train_tokens, val_tokens) -> DeepseekV3:
+def init_from(
+    cfg, vocab: data.CompactVocab | None, train_tokens, val_tokens, mesh: Mesh | None = None
+) -> DeepseekV3:
     """The model to fine-tune: weights and architecture from ``cfg.init_from``.
 
     ``cfg.init_from`` is, in the order it is recognised: a training workdir, its ``checkpoints``
@@ -53,6 +55,8 @@ def init_from(cfg, vocab: data.CompactVocab | None, train_tokens, val_tokens) ->
     (``IMPLEMENTATION_FIELDS``: dtypes, remat, moe_impl, attention choices) come from
     ``cfg.model``; its architecture fields are ignored (a warning lists those that differ from
     the checkpoint's).
+
+    With ``mesh`` the weights are read straight onto it (each process reads only its shards).
 
     Raises:
       RunConfigError: no checkpoint there; its vocabulary is not the data's (e.g. a converted
@@ -71,10 +75,10 @@ def init_from(cfg, vocab: data.CompactVocab | None, train_tokens, val_tokens) ->
     try:
         # A training workdir also holds a config.json: look for checkpoints before HF files.
         if checkpoint.is_checkpoint(path) or not os.path.isfile(os.path.join(path, "config.json")):
-            model, meta = checkpoint.load_checkpoint(path, dtype=dtype, **knobs)
+            model, meta = checkpoint.load_checkpoint(path, dtype=dtype, mesh=mesh, **knobs)
             saved_vocab = meta.get("vocab")
         else:
-            model, saved_vocab = load_hf_checkpoint(path, dtype, **knobs), None
+            model, saved_vocab = load_hf_checkpoint(path, dtype, mesh=mesh, **knobs), None
     except (FileNotFoundError, CheckpointError, ValueError) as err:
         raise RunConfigError(f"config.init_from={path!r}: {err}") from err
     mcfg = model.config
@@ -285,7 +289,7 @@ def make_mesh(cfg) -> Mesh:
 
 def check_batches(cfg, mesh: Mesh) -> None:
     """Raises RunConfigError unless the batch sizes split evenly over the mesh's batch axes."""
-    ways = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    ways = sharding.batch_shards(mesh)
     for name, rows in (
         ("train.batch_size", cfg.train.batch_size),
         ("data.eval_batch_size", cfg.data.eval_batch_size),
@@ -375,7 +379,8 @@ def train(cfg, workdir: str) -> dict:
             lost = distributed.lost_peer(err)
             if lost is None:
                 raise
-            log.error("error: %s", lost)  # now: closing the checkpoints may wait for the lost process
+            # Logged now: closing the checkpoints below may wait for the lost process.
+            log.error("error: %s", lost)
             raise lost from None
         finally:  # a stopped run still completes the (good) checkpoint being written
             manager.wait_until_finished()
@@ -403,7 +408,7 @@ def _prepare(cfg, workdir: str):
     except OSError as err:
         raise RunConfigError(f"config.data.cache_dir {cfg.data.cache_dir}: {err}") from err
     if cfg.get("init_from"):
-        model = init_from(cfg, vocab, train_tokens, val_tokens)
+        model = init_from(cfg, vocab, train_tokens, val_tokens, mesh)
         mcfg = model.config
     else:
         mcfg = _model_config(cfg, vocab)
