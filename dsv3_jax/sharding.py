@@ -98,7 +98,8 @@ def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence | None = 
         is_int = isinstance(size, (int, np.integer)) and not isinstance(size, bool)
         if not is_int or (size < 1 and size != -1):
             raise ValueError(
-                f"mesh axis {name!r} must have a positive int size (or -1: the rest), got {size!r}"
+                f"mesh axis {name!r} must have a positive int size, got {size!r} (or -1: the "
+                "devices the other axes leave)"
             )
     rest = [name for name, size in axes.items() if size == -1]
     if len(rest) > 1:
