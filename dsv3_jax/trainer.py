@@ -391,7 +391,8 @@ def _prepare(cfg, workdir: str):
     """Checks the config, makes the mesh, reads the data, builds (or loads) the model.
 
     Returns:
-      (mesh, model (on one device), its ModelConfig, vocab, train tokens, val tokens).
+      (mesh, model (built on one device; loaded onto the mesh for init_from), its ModelConfig,
+      vocab, train tokens, val tokens).
     """
     check_run_config(cfg, workdir)
     mesh = make_mesh(cfg)
