@@ -123,12 +123,22 @@ def cases(f: dict) -> list[Case]:
     T(Case("train workdir under a file", train(workdir=str(a_file / "run")), "workdir"))
     T(Case("train cache_dir is a file", [
         *train()[:3], f"--config.data.cache_dir={a_file}"], "cache_dir"))  # fmt: skip
-    T(Case("train vocab_size below data ids", train(
-        "--config.data.compact_vocab=False", "--config.model.vocab_size=1000"), "vocab_size"))
+    T(
+        Case(
+            "train vocab_size below data ids",
+            train("--config.data.compact_vocab=False", "--config.model.vocab_size=1000"),
+            "vocab_size",
+        )
+    )
     T(Case("train init_from missing", train("--config.init_from=/nonexistent/ckpt"), "init_from"))
     T(Case("train init_from empty dir", train(f"--config.init_from={tmp / 'empty'}"), "init_from"))
-    T(Case("train workdir of another model", train(
-        "--config.model.hidden_size=64", workdir=str(run)), "hidden_size"))
+    T(
+        Case(
+            "train workdir of another model",
+            train("--config.model.hidden_size=64", workdir=str(run)),
+            "hidden_size",
+        )
+    )
     T(Case("train stray argument", [*train(), "extra"], "extra"))
     T(Case("train resume damaged checkpoint", train(workdir=str(tmp / "damaged")), "delete",
            setup=lambda t: _damaged_copy(run, t / "damaged")))  # fmt: skip
@@ -186,18 +196,33 @@ def cases(f: dict) -> list[Case]:
            f"--output_dir={tmp / 'c3'}"], "weight_map",
            setup=lambda t: _write(hf_copy("nowm")(t) / "model.safetensors.index.json",
                                   '{"metadata": {}}')))  # fmt: skip
-    T(Case("convert broken config.json", [*h2o, f"--hf_dir={tmp / 'badcfg'}",
-           f"--output_dir={tmp / 'c4'}"], "config.json",
-           setup=lambda t: _write(hf_copy("badcfg")(t) / "config.json", '{"hidden_size": ')))
+    T(
+        Case(
+            "convert broken config.json",
+            [*h2o, f"--hf_dir={tmp / 'badcfg'}", f"--output_dir={tmp / 'c4'}"],
+            "config.json",
+            setup=lambda t: _write(hf_copy("badcfg")(t) / "config.json", '{"hidden_size": '),
+        )
+    )
     T(Case("convert int32 weight", [*h2o, f"--hf_dir={tmp / 'int'}",
            f"--output_dir={tmp / 'c5'}"], "model.norm.weight",
            setup=lambda t: _retype(hf_copy("int")(t), "model.norm.weight")))  # fmt: skip
-    T(Case("convert missing shard", [*h2o, f"--hf_dir={tmp / 'noshard'}",
-           f"--output_dir={tmp / 'c6'}"], "model-00002-of-00005.safetensors",
-           setup=lambda t: os.remove(hf_copy("noshard")(t) / "model-00002-of-00005.safetensors")))
-    T(Case("convert truncated shard", [*h2o, f"--hf_dir={tmp / 'trunc'}",
-           f"--output_dir={tmp / 'c7'}"], "model-00003-of-00005.safetensors",
-           setup=lambda t: _truncate(hf_copy("trunc")(t) / "model-00003-of-00005.safetensors")))
+    T(
+        Case(
+            "convert missing shard",
+            [*h2o, f"--hf_dir={tmp / 'noshard'}", f"--output_dir={tmp / 'c6'}"],
+            "model-00002-of-00005.safetensors",
+            setup=lambda t: os.remove(hf_copy("noshard")(t) / "model-00002-of-00005.safetensors"),
+        )
+    )
+    T(
+        Case(
+            "convert truncated shard",
+            [*h2o, f"--hf_dir={tmp / 'trunc'}", f"--output_dir={tmp / 'c7'}"],
+            "model-00003-of-00005.safetensors",
+            setup=lambda t: _truncate(hf_copy("trunc")(t) / "model-00003-of-00005.safetensors"),
+        )
+    )
     T(Case("convert existing output", [*h2o, f"--hf_dir={hf}", f"--output_dir={tmp / 'empty'}"],
            "--overwrite"))  # fmt: skip
     T(Case("convert bad dtype", [*h2o, f"--hf_dir={hf}", f"--output_dir={tmp / 'c8'}",
@@ -214,10 +239,25 @@ def cases(f: dict) -> list[Case]:
     T(Case("convert back onto itself", [*o2h, f"--checkpoint_dir={tmp / 'selfrun'}",
            f"--output_dir={tmp / 'selfrun'}", "--overwrite"], "selfrun",
            setup=lambda t: shutil.copytree(run, t / "selfrun")))  # fmt: skip
-    T(Case("convert back bad shard size", [*o2h, f"--checkpoint_dir={run}",
-           f"--output_dir={tmp / 'c10'}", "--max_shard_size=lots"], "max_shard_size"))
-    T(Case("convert back zero shard size", [*o2h, f"--checkpoint_dir={run}",
-           f"--output_dir={tmp / 'c11'}", "--max_shard_size=0"], "max_shard_size"))
+    T(
+        Case(
+            "convert back bad shard size",
+            [
+                *o2h,
+                f"--checkpoint_dir={run}",
+                f"--output_dir={tmp / 'c10'}",
+                "--max_shard_size=lots",
+            ],
+            "max_shard_size",
+        )
+    )
+    T(
+        Case(
+            "convert back zero shard size",
+            [*o2h, f"--checkpoint_dir={run}", f"--output_dir={tmp / 'c11'}", "--max_shard_size=0"],
+            "max_shard_size",
+        )
+    )
     # ------------------------------------------------------------------ Python API
     load = f"model = dsv3_jax.load_hf_checkpoint({str(hf)!r})"
     for arg, fault in [
@@ -244,10 +284,20 @@ def cases(f: dict) -> list[Case]:
         {load}
         dsv3_jax.generate(model, np.zeros((0, 3), np.int32), 4)
     """), "batch of 0"))  # fmt: skip
-    T(Case("api load_checkpoint step '6'", api(
-        f"dsv3_jax.load_checkpoint({str(run)!r}, '6')"), "step must be an int"))
-    T(Case("api load_hf_checkpoint dtype fp32", api(
-        f"dsv3_jax.load_hf_checkpoint({str(hf)!r}, dtype='fp32')"), "dtype"))
+    T(
+        Case(
+            "api load_checkpoint step '6'",
+            api(f"dsv3_jax.load_checkpoint({str(run)!r}, '6')"),
+            "step must be an int",
+        )
+    )
+    T(
+        Case(
+            "api load_hf_checkpoint dtype fp32",
+            api(f"dsv3_jax.load_hf_checkpoint({str(hf)!r}, dtype='fp32')"),
+            "dtype",
+        )
+    )
     T(Case("api with_implementation not a model", api("""
         from dsv3_jax.model import with_implementation
         with_implementation("model", dtype="bfloat16")
@@ -262,12 +312,27 @@ def cases(f: dict) -> list[Case]:
     T(Case("api count_params(unknown field)",
            api("dsv3_jax.count_params({'hiden_size': 8})"), "hiden_size"))  # fmt: skip
     T(Case("api ModelConfig n_group", api("ModelConfig(n_group=3)"), "n_group"))
-    T(Case("api rope_scaling typo", api(
-        "ModelConfig(rope_scaling={'type': 'yarn', 'factr': 4.0})"), "factr"))
-    T(Case("api load_hf_checkpoint missing", api(
-        "dsv3_jax.load_hf_checkpoint('/nonexistent/hf')"), "/nonexistent/hf"))
-    T(Case("api load_checkpoint missing", api(
-        "dsv3_jax.load_checkpoint('/nonexistent/run')"), "/nonexistent/run"))
+    T(
+        Case(
+            "api rope_scaling typo",
+            api("ModelConfig(rope_scaling={'type': 'yarn', 'factr': 4.0})"),
+            "factr",
+        )
+    )
+    T(
+        Case(
+            "api load_hf_checkpoint missing",
+            api("dsv3_jax.load_hf_checkpoint('/nonexistent/hf')"),
+            "/nonexistent/hf",
+        )
+    )
+    T(
+        Case(
+            "api load_checkpoint missing",
+            api("dsv3_jax.load_checkpoint('/nonexistent/run')"),
+            "/nonexistent/run",
+        )
+    )
     T(Case("api with_implementation architecture", api(f"""
         from dsv3_jax.model import with_implementation
         {load}
@@ -278,8 +343,13 @@ def cases(f: dict) -> list[Case]:
         {load}
         with_implementation(model, attention_kernel="cuda")
     """), "attention_kernel"))  # fmt: skip
-    T(Case("api load_hf_checkpoint two copies", api(
-        f"dsv3_jax.load_hf_checkpoint({str(tmp / 'twice')!r})"), "mtp-copy.safetensors"))
+    T(
+        Case(
+            "api load_hf_checkpoint two copies",
+            api(f"dsv3_jax.load_hf_checkpoint({str(tmp / 'twice')!r})"),
+            "mtp-copy.safetensors",
+        )
+    )
     T(Case("api load_hf_checkpoint bool weight", api(
         f"dsv3_jax.load_hf_checkpoint({str(tmp / 'bool')!r})"), "lm_head.weight",
         setup=lambda t: _retype(hf_copy("bool")(t), "lm_head.weight", "bool")))  # fmt: skip

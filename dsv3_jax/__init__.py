@@ -10,7 +10,7 @@ from dsv3_jax.checkpoint import load_checkpoint
 from dsv3_jax.config import ModelConfig, RopeScaling
 from dsv3_jax.hf_io import CheckpointError, load_hf_checkpoint
 from dsv3_jax.mla import kv_cache_bytes_per_token
-from dsv3_jax.model import DeepseekV3, count_params
+from dsv3_jax.model import DeepseekV3, count_params, init_model
 from dsv3_jax.sampling import generate
 from dsv3_jax.sharding import make_mesh, shard_model
 
@@ -21,6 +21,7 @@ __all__ = [
     "RopeScaling",
     "count_params",
     "generate",
+    "init_model",
     "kv_cache_bytes_per_token",
     "load_checkpoint",
     "load_hf_checkpoint",

@@ -279,7 +279,7 @@ def load_checkpoint(
         # mesh, one device: orbax would otherwise restore onto the mesh the arrays were saved on.
         graphdef, target = abstract_model(config, meta.get("mtp", True), mesh)
         if mesh is None:
-            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), target
             )

@@ -55,8 +55,9 @@ def param(rngs: nnx.Rngs, shape, axes, config: ModelConfig, init=None) -> nnx.Pa
 
 
 def eager_sharding() -> bool:
-    """Shard variables as they are created only when a mesh is in context (``jax.set_mesh``)."""
-    return nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+    """Never: flax would read the logical names as mesh axes. ``dsv3_jax.sharding`` places
+    variables through its rules table (``shard_model``, ``model.init_model``, the loaders)."""
+    return False
 
 
 class Linear(nnx.Module):

@@ -366,6 +366,44 @@ def abstract_model(
     )
 
 
+def init_model(
+    config: ModelConfig,
+    seed: int = 0,
+    *,
+    mtp: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=None,
+) -> DeepseekV3:
+    """A freshly initialised model; on a mesh, each parameter is created in its shards.
+
+    Equal to ``DeepseekV3(config, rngs=nnx.Rngs(seed), mtp=mtp)`` (same values). With a mesh the
+    initialiser runs as one jitted program whose outputs have the shardings the rules give, so no
+    device (or host) ever holds a whole parameter it does not own.
+
+    Args:
+      config: a ModelConfig or a mapping of its fields. seed: the parameter seed.
+      mtp: build the MTP modules. mesh: a ``make_mesh`` mesh (None: the default device).
+      rules: a sharding rules table (default ``config.sharding_rules``; None: DEFAULT_RULES); it
+        is kept in the model's config for the activation constraints.
+
+    Raises:
+      TypeError / ValueError: as ``ModelConfig.coerce``; a bad rules table (named entry).
+    """
+    config = ModelConfig.coerce(config)
+    config = config.replace(**with_rules({}, rules))
+    if mesh is None:
+        return DeepseekV3(config, rngs=nnx.Rngs(seed), mtp=mtp)
+    graphdef, abstract = abstract_model(config, mtp, mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+
+    def build():
+        return nnx.split(DeepseekV3(config, rngs=nnx.Rngs(seed), mtp=mtp))[1]
+
+    with sharding.no_mesh():  # placed by out_shardings (the rules), not by flax
+        state = jax.jit(build, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
 def with_rules(config_overrides: dict, rules) -> dict:
     """``config_overrides`` with ``sharding_rules`` set from a loader's ``rules=`` argument.
 

@@ -308,7 +308,8 @@ def abstract_model(build: Callable[[], Any], mesh: Mesh | None = None, rules: An
     give (restore targets for orbax, placement targets for the safetensors reader); without one,
     plain shapes on the default device. ``build`` runs under ``nnx.eval_shape``.
     """
-    abstract = nnx.eval_shape(build)
+    with no_mesh():
+        abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     if mesh is None:
         return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
@@ -321,6 +322,12 @@ def abstract_model(build: Callable[[], Any], mesh: Mesh | None = None, rules: An
 def batch_shards(mesh: Mesh, rules: Any = None) -> int:
     """How many ways the rules split the batch on ``mesh`` (the product of "batch"'s axes)."""
     return math.prod(mesh.shape[a] for a in _table(rules).get("batch") or ())
+
+
+def no_mesh():
+    """A context without a mesh, for building models: flax would otherwise read their logical
+    names as mesh axes (eager sharding, ``eval_shape``'s outputs); the rules place them instead."""
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
 
 
 def mesh_of(tree: Any) -> Mesh | None:

@@ -21,7 +21,7 @@ from tensorboardX import SummaryWriter
 
 from dsv3_jax import checkpoint, data, distributed, sharding, train_lib
 from dsv3_jax.config import IMPLEMENTATION_FIELDS, ModelConfig
-from dsv3_jax.model import DeepseekV3
+from dsv3_jax.model import DeepseekV3, init_model
 
 log = logging.getLogger("dsv3_jax")
 
@@ -419,7 +419,7 @@ def _prepare(cfg, workdir: str):
                 f"the data holds token id {top} but config.model.vocab_size is {mcfg.vocab_size}; "
                 f"set it above {top} or set config.data.compact_vocab=True"
             )
-        model = DeepseekV3(mcfg, rngs=nnx.Rngs(cfg.train.seed))
+        model = init_model(mcfg, cfg.train.seed, mesh=mesh)  # created in its shards
     log.info(
         "train tokens %d, val tokens %d, vocab %d",
         len(train_tokens),

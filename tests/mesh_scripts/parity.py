@@ -21,7 +21,7 @@ from flax import nnx  # noqa: E402
 
 from dsv3_jax import sharding, train_lib  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
-from dsv3_jax.model import DeepseekV3  # noqa: E402
+from dsv3_jax.model import DeepseekV3, init_model  # noqa: E402
 from dsv3_jax.sampling import generate  # noqa: E402
 
 # q_lora on, 2 dense + 2 MoE layers, 8 routed experts in 4 groups, MTP; moe_intermediate_size 24
@@ -130,9 +130,11 @@ def main() -> None:
     report = {"devices": jax.device_count(), "meshes": {}}
     only = sys.argv[1:] or [*MESHES, "other_rules"]
     for name in (n for n in only if n in MESHES):
-        model = sharding.shard_model(
-            DeepseekV3(CONFIG, rngs=nnx.Rngs(0)), sharding.make_mesh(MESHES[name])
-        )
+        mesh = sharding.make_mesh(MESHES[name])
+        if "expert" in MESHES[name]:  # created in its shards (one jitted initialiser)
+            model = init_model(CONFIG, 0, mesh=mesh)
+        else:  # created on one device, then placed
+            model = sharding.shard_model(DeepseekV3(CONFIG, rngs=nnx.Rngs(0)), mesh)
         report["meshes"][name] = compare(values(model, tokens, prompts), ref)
         print(name, f"{time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     if "other_rules" in only:
