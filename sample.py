@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
+from flax import nnx
 
 from dsv3_jax import checkpoint, data, distributed, sampling, sharding
 from dsv3_jax.mla import kv_cache_bytes_per_token
@@ -138,6 +139,14 @@ def _encode(tokenizer, vocab, text: str, name: str) -> np.ndarray:
     return ids
 
 
+# Flags every process of a job must agree on (the rest, e.g. --process_id, differ by design).
+_SHARED_FLAGS = (
+    "workdir", "checkpoint", "step", "prompt", "max_new_tokens", "temperature", "top_k",
+    "top_p", "seed", "speculative_mtp", "mesh", "mla_decode", "attention_kernel", "chat",
+    "stop_at_eos",
+)  # fmt: skip
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -153,6 +162,12 @@ def main(argv):
     if several:
         _native_stdout_to_stderr()
     primary = jax.process_index() == 0  # the one process that prints
+    if several:
+        try:  # every process must run the same sampling: refuse differing flags at start
+            settings = {n: flags.FLAGS[n].value for n in _SHARED_FLAGS}
+            distributed.check_same("sample.py flag", settings)
+        except ValueError as err:
+            _fail(str(err))
     mesh = None
     if axes is not None or several:
         try:
@@ -203,6 +218,11 @@ def main(argv):
     _note(f"[checkpoint step {meta['step']}, {model.config.vocab_size} ids]")
     if mesh is not None:
         _note(f"[{sharding.describe(mesh)}]")
+        if _VERBOSE.value:
+            for line in sharding.summary_groups(
+                nnx.state(model), mesh, model.config.sharding_rules
+            ):
+                _note(f"  {line}")
     if _VERBOSE.value:
         cfg = model.config
         per_token = kv_cache_bytes_per_token(cfg)

@@ -112,7 +112,8 @@ def initialize(
 
     Raises:
       ValueError: a missing or inconsistent argument (named, with the flag or variable it came
-        from), or the job could not be joined within ``initialization_timeout`` seconds.
+        from). A job not joined within ``initialization_timeout`` seconds ends in JAX's own
+        abort (DEADLINE_EXCEEDED), not an exception: a line printed first says what was awaited.
     """
     address, address_name = _from_env(
         coordinator_address, "coordinator_address", "JAX_COORDINATOR_ADDRESS"

@@ -924,7 +924,8 @@ def load_hf_checkpoint(
         shard: every distinct shard of this process's devices is read from the files as a
         slice (``safe_open(...).get_slice(name)[rows, cols]``: HF weights transposed, stacks
         of layers and experts read per HF tensor, FP8 blocks dequantized for the slice only),
-        so a process holds its own shards plus one shard in flight, never the whole model.
+        so a process holds its own shards of the array being built (plus one HF piece while a
+        stack fills), never the whole model.
       rules: a sharding rules table (``(logical name, mesh axes)`` pairs, see
         ``sharding.DEFAULT_RULES``), kept as ``model.config.sharding_rules`` so the activation
         constraints follow it too. Default: the ``sharding_rules`` override, else the default.

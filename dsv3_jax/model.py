@@ -387,10 +387,12 @@ def init_model(
         is kept in the model's config for the activation constraints.
 
     Raises:
-      TypeError / ValueError: as ``ModelConfig.coerce``; a bad rules table (named entry).
+      TypeError / ValueError: as ``ModelConfig.coerce``; a bad rules table (named entry); or
+        ``rules`` differing from a table already in ``config.sharding_rules``.
     """
     config = ModelConfig.coerce(config)
-    config = config.replace(**with_rules({}, rules))
+    kept = {} if config.sharding_rules is None else {"sharding_rules": config.sharding_rules}
+    config = config.replace(**with_rules(kept, rules))
     if mesh is None:
         return DeepseekV3(config, rngs=nnx.Rngs(seed), mtp=mtp)
     graphdef, abstract = abstract_model(config, mtp, mesh)

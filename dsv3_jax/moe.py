@@ -193,9 +193,9 @@ def dispatch(x: jax.Array, idx: jax.Array, num_experts: int) -> Dispatch:
     Returns:
       :class:`Dispatch` with m = T * k rows.
 
-    Under a sharded mesh this is the global sort GSPMD partitions as it sees fit (today: the
-    routing ids are all-gathered); ``dsv3_jax`` replaces dispatch/combine, not the experts, for
-    an explicit all-to-all.
+    Under a sharded mesh this is the global sort GSPMD partitions as it sees fit (the routing
+    ids are all-gathered and every device sorts all rows); an explicit all-to-all dispatch would
+    replace :func:`dispatch` and :func:`combine` and keep :func:`expert_ffn`.
     """
     k = idx.shape[-1]
     flat = idx.reshape(-1)  # [m]

@@ -203,6 +203,7 @@ def _generate_compiled(
     key,
     temperature,
     eos_id,
+    rows_asked,
     *,
     cache_len: int,
     sampler: Sampler,
@@ -212,7 +213,9 @@ def _generate_compiled(
     """Prefill + the whole token loop in one program.
 
     ids int32 [b, s] right-padded prompts; lengths int32 [b] (>= 1); max_new, eos_id int32 []
-    (eos_id < 0: no EOS stop); temperature float32 [] (> 0 unless greedy).
+    (eos_id < 0: no EOS stop); temperature float32 [] (> 0 unless greedy); rows_asked int32 []:
+    rows from this index on are padding (a mesh's batch multiple): done from the start, never
+    counted.
     """
     model = nnx.merge(graphdef, state)
     rules = model.config.sharding_rules
@@ -225,10 +228,10 @@ def _generate_compiled(
     cache = out.cache
     key, sub = jax.random.split(key)
     first = _choose(out.logits[:, 0], sub, temperature, sampler)  # the token at position L
-    live = max_new > 0
-    buf = _put(buf, lengths, first, jnp.broadcast_to(live, (b,)))
-    n_new = jnp.full((b,), live.astype(jnp.int32))
-    done = (first == eos_id) | (n_new >= max_new)
+    live = (max_new > 0) & (rows < rows_asked)  # [b]
+    buf = _put(buf, lengths, first, live)
+    n_new = live.astype(jnp.int32)
+    done = (first == eos_id) | (n_new >= max_new) | (rows >= rows_asked)
     _stream(first[:, None], n_new, stream)
     zero = jnp.int32(0)
     loop = _Loop(buf, n_new, done, zero, zero, zero)
@@ -466,6 +469,7 @@ def generate(
         jax.random.key(seed),
         np.float32(max(temperature, 1e-6)),
         np.int32(-1 if eos_id is None else eos_id),
+        np.int32(b_asked),
     )
     if mesh is not None:  # the same host values on every process: replicated global arrays
         args = jax.device_put(args, NamedSharding(mesh, PartitionSpec()))

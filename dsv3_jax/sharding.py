@@ -9,8 +9,8 @@ abstract sharded model (:func:`abstract_model`) and every constraint read the sa
 Mesh axes (MaxText's names and roles):
   data    pure data parallelism: the batch is split, every weight is replicated.
   fsdp    fully-sharded data parallelism (ZeRO-3): the batch is split and each weight's ``embed``
-          dimension too; XLA all-gathers a layer's weights inside the layer scan and
-          reduce-scatters its gradients.
+          dimension too; XLA all-gathers a layer's weights inside the layer scan and reduces
+          its gradients (an all-reduce on XLA:CPU; a reduce-scatter where XLA picks one).
   expert  expert parallelism: routed experts are split; outside the experts the batch is split
           over this axis too, so no device idles on the attention.
   tensor  tensor (Megatron) parallelism: heads, MLP widths and the vocabulary are split.
@@ -183,14 +183,23 @@ def logical_to_spec(
     Args:
       names: one logical name (or None) per dimension.
       rules: a rules table (default :data:`DEFAULT_RULES`); names it does not list are replicated.
-      shape, mesh: when both are given, mesh axes of size 1 are dropped, and the axes mapped to a
-        dimension they do not divide are dropped from the right until the rest divide it.
+      mesh: mesh axes of size 1 are dropped; with ``shape`` too, the axes mapped to a dimension
+        they do not divide are dropped from the right until the rest divide it.
 
     Raises:
-      ValueError: two dimensions of the array map to the same mesh axis (names both).
+      ValueError: two dimensions of the array map to the same mesh axis (names both), whatever
+        the mesh's sizes.
     """
     table = _table(rules)
     spec, owner = [], {}
+    for name in names:  # the table's own conflicts, before any axis is dropped for this mesh
+        for a in (table.get(name) or ()) if name is not None else ():
+            if a in owner:
+                raise ValueError(
+                    f"logical axes {owner[a]!r} and {name!r} of one array {tuple(names)} both map "
+                    f"to mesh axis {a!r}; fix the sharding rules"
+                )
+            owner[a] = name
     for i, name in enumerate(names):
         axes = table.get(name) if name is not None else None
         axes = tuple(axes or ())
@@ -199,13 +208,6 @@ def logical_to_spec(
             if shape is not None:
                 while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
                     axes = axes[:-1]
-        for a in axes:
-            if a in owner:
-                raise ValueError(
-                    f"logical axes {owner[a]!r} and {name!r} of one array {tuple(names)} both map "
-                    f"to mesh axis {a!r}; fix the sharding rules"
-                )
-            owner[a] = name
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     while spec and spec[-1] is None:
         spec.pop()
@@ -306,7 +308,7 @@ def abstract_model(build: Callable[[], Any], mesh: Mesh | None = None, rules: An
 
     With a mesh, each leaf is a ``jax.ShapeDtypeStruct`` carrying the NamedSharding the rules
     give (restore targets for orbax, placement targets for the safetensors reader); without one,
-    plain shapes on the default device. ``build`` runs under ``nnx.eval_shape``.
+    ``ShapeDtypeStruct``s without a sharding (callers pick the device). ``build`` runs under ``nnx.eval_shape``.
     """
     with no_mesh():
         abstract = nnx.eval_shape(build)

@@ -337,7 +337,7 @@ def train(cfg, workdir: str) -> dict:
     skip_nonfinite = bool(t.get("skip_nonfinite", False))
     max_skips = int(t.get("max_consecutive_skips", 0)) if skip_nonfinite else 0
     with jax.set_mesh(mesh):
-        sharding.shard_model(model, mesh)
+        sharding.shard_model(model, mesh, mcfg.sharding_rules)  # keeps a saved custom table
         graphdef, params, biases = train_lib.split_model(model)
         n_params = sum(x.size for x in jax.tree.leaves(params))
         log.info("model: %s parameters", f"{n_params:,}")

@@ -257,3 +257,18 @@ def test_processes_with_different_configs_fail_fast(tmp_path, cli_env):
         assert codes[i] != 0 and "Traceback" not in log, log[-3000:]
         assert f"[process {i}] error: the processes were started with different configs" in log
         assert "process 1 differs from process 0 in config.train.lr (0.003 vs 0.001)" in log
+
+
+def test_sample_on_a_mesh_prints_the_single_device_text(cli_env, mesh_run):
+    """sample.py --mesh (8 devices, 2 prompts padded to the 4 batch shards) = one device."""
+    args = [
+        "sample.py", f"--workdir={mesh_run[0]}", "--prompt=ROMEO:", "--prompt=JULIET: O",
+        "--max_new_tokens=12", "--temperature=0", "--speculative_mtp",
+    ]  # fmt: skip
+    one = run_script(args, cli_env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    sharded = run_script([*args, "--mesh=expert:4,tensor:2", "--verbose"], _env(cli_env, 8))
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "mesh (data=1, fsdp=1, expert=4, tensor=2)" in sharded.stderr
+    assert "-> P(None, 'expert'" in sharded.stderr  # the parameter groups' shardings
+    assert sharded.stdout == one.stdout and one.stdout.count("ROMEO:") == 1

@@ -59,6 +59,7 @@ def test_sharded_forward_grads_step_and_generate_equal_single_device(parity, mes
         assert got[key] < 1e-5, (mesh, key, got[key])
     assert got["biases_moved"]  # the bias update ran (and matched the global-batch loads)
     assert got["tokens_equal"]
+    assert got["stats_equal"]  # new-token count of the caller's rows only
     assert got["opt_specs_match"]  # AdamW moments sharded like their parameters
 
 

@@ -59,7 +59,7 @@ def values(model, tokens, prompts):
     and the bias update (from the global batch's expert loads).
     """
     t = time.time()
-    out = generate(model, prompts, 6)  # before the train step, which donates the params
+    out, stats = generate(model, prompts, 6, return_stats=True)  # before the train step (donates)
     print(f"  generate {time.time() - t:.1f} s", file=sys.stderr)
     t = time.time()
     graphdef, params, biases = train_lib.split_model(model)
@@ -90,6 +90,7 @@ def values(model, tokens, prompts):
         "params": [np.asarray(x) for x in jax.tree.leaves(p2)],
         "biases": [np.asarray(x) for x in jax.tree.leaves(b2)],
         "tokens": [list(map(int, r)) for r in out],
+        "generate_stats": list(stats),  # the mesh's padding rows are not counted
         "specs": specs,
         "opt_specs_match": all(
             _spec(m) == _spec(p)
@@ -115,6 +116,7 @@ def compare(got, ref) -> dict:
         "biases": max(rel(a, b) for a, b in zip(got["biases"], ref["biases"], strict=True)),
         "biases_moved": all(np.abs(b).max() > 0 for b in got["biases"]),
         "tokens_equal": got["tokens"] == ref["tokens"],
+        "stats_equal": got["generate_stats"] == ref["generate_stats"],
         "specs": got["specs"],
         "opt_specs_match": got["opt_specs_match"],
     }
