@@ -17,6 +17,7 @@ the weight is W * S[r // 128, c // 128] (README_WEIGHTS.md of deepseek-ai/DeepSe
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -499,7 +500,7 @@ def _read_weight_map(index: str) -> dict[str, str]:
 Box = tuple[tuple[int, int], ...]  # (start, stop) per dimension
 
 
-class Lazy:
+class Lazy(abc.ABC):
     """A tensor the conversion table makes from HF tensors, read only where it is asked for.
 
     The table's readers run on these as on numpy arrays (``.T``, ``.transpose``, basic slices,
@@ -527,19 +528,21 @@ class Lazy:
     def __getitem__(self, key) -> Lazy:
         key = key if isinstance(key, tuple) else (key,)
         if len(key) > self.ndim or not all(isinstance(k, slice) for k in key):
-            raise NotImplementedError(f"Lazy supports basic slices only, got {key!r}")
+            raise TypeError(
+                f"Lazy views take basic slices only (the conversion table uses no other), got {key!r}"
+            )
         key = key + (slice(None),) * (self.ndim - len(key))
         ranges = []
         for k, n in zip(key, self.shape, strict=True):
             start, stop, step = k.indices(n)
             if step != 1:
-                raise NotImplementedError(f"Lazy supports step 1 only, got {key!r}")
+                raise ValueError(f"Lazy views take step-1 slices only, got {key!r}")
             ranges.append((start, max(start, stop)))
         return _Sliced(self, tuple(ranges))
 
+    @abc.abstractmethod
     def read(self, box: Box) -> np.ndarray:
         """The elements in ``box`` ((start, stop) per dimension) as a numpy array."""
-        raise NotImplementedError
 
 
 class _Leaf(Lazy):
