@@ -22,8 +22,8 @@ _MODEL_TYPES = ("deepseek_v3", "kimi_k2")  # Kimi K2 ships the DeepSeek-V3 archi
 # ModelConfig fields that steer this implementation only: not in config.json, free to change
 # between training and sampling of the same weights.
 IMPLEMENTATION_FIELDS = (
-    "dtype", "param_dtype", "remat", "moe_impl", "mla_decode", "attention_kernel",
-    "sharding_rules",
+    "dtype", "param_dtype", "remat", "moe_impl", "moe_dispatch", "moe_capacity_factor",
+    "mla_decode", "attention_kernel", "sharding_rules",
 )  # fmt: skip
 
 
@@ -167,6 +167,14 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: bool = False  # rematerialise each decoder layer in the backward pass
     moe_impl: str = "auto"  # grouped matmul: "ragged" (lax.ragged_dot), "blocked" (CPU), "auto"
+    # How routed tokens reach their experts on a mesh (dsv3_jax.moe): "gspmd" (one global sort,
+    # XLA partitions it; the reference), "all_to_all" (shard_map over the expert axis with
+    # capacity-padded lax.all_to_all), "ragged_all_to_all" (exact-size lax.ragged_all_to_all;
+    # GPU/TPU only) or "auto" (all_to_all when the mesh's expert axis is larger than 1, else gspmd).
+    moe_dispatch: str = "auto"
+    # all_to_all rows per peer: ceil(factor * tokens * k / ep); None: the worst case (dropless, as
+    # DeepSeek-V3 trains). Assignments over capacity are dropped and counted (aux "dropped").
+    moe_capacity_factor: float | None = None
     # Attention over the latent cache (decode, speculative verification): "absorbed" folds kv_b
     # into the query and the output (multi-query attention over [c; r]); "naive" expands kv_b.
     mla_decode: str = "absorbed"
@@ -315,7 +323,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.moe_impl must be 'auto', 'ragged' or 'blocked', got {self.moe_impl!r}"
             )
+        if self.moe_capacity_factor is not None:
+            _check_positive_number("ModelConfig.moe_capacity_factor", self.moe_capacity_factor)
         for name, allowed in (
+            ("moe_dispatch", ("auto", "gspmd", "all_to_all", "ragged_all_to_all")),
             ("mla_decode", ("absorbed", "naive")),
             ("attention_kernel", ("reference", "pallas")),
         ):

@@ -109,7 +109,8 @@ class _BlockLayout:
     """Row layout that pads each expert's (sorted) rows up to whole blocks of ``block`` rows.
 
     Static sizes: block = ceil(m / e) rounded up to 8; blocks <= ceil(m / block) + min(e, m), so
-    the padded work is at most about twice the real work whatever the routing.
+    the padded work is at most about twice the real work whatever the routing. Rows past
+    sum(group_sizes) (an expert-parallel receive buffer's padding) are left out and give zeros.
     """
 
     def __init__(self, group_sizes: jax.Array, m: int, e: int):
@@ -120,18 +121,22 @@ class _BlockLayout:
         pad_start = pad_end - padded
         start = jnp.cumsum(group_sizes) - group_sizes
         expert_of_row = jnp.repeat(jnp.arange(e), group_sizes, total_repeat_length=m)  # [m]
-        self.dest = pad_start[expert_of_row] + jnp.arange(m) - start[expert_of_row]  # [m]
+        dest = pad_start[expert_of_row] + jnp.arange(m) - start[expert_of_row]  # [m]
+        valid = jnp.arange(m) < group_sizes.sum()
+        self.dest = jnp.where(valid, dest, self.num_blocks * self.block)  # padding: out of range
         block_start = jnp.arange(self.num_blocks) * self.block
         self.block_expert = jnp.minimum(
             jnp.searchsorted(pad_end, block_start, side="right"), e - 1
         )  # [n]
 
     def pad(self, x: jax.Array) -> jax.Array:  # [m, d] -> [n, block, d]
-        out = jnp.zeros((self.num_blocks * self.block, x.shape[-1]), x.dtype).at[self.dest].set(x)
+        out = jnp.zeros((self.num_blocks * self.block, x.shape[-1]), x.dtype)
+        out = out.at[self.dest].set(x, mode="drop")
         return out.reshape(self.num_blocks, self.block, -1)
 
     def unpad(self, y: jax.Array) -> jax.Array:  # [n, block, d] -> [m, d]
-        return y.reshape(self.num_blocks * self.block, -1)[self.dest]
+        flat = y.reshape(self.num_blocks * self.block, -1)
+        return jnp.take(flat, self.dest, axis=0, mode="fill", fill_value=0)
 
     def matmul(self, x: jax.Array, w: jax.Array, dtype) -> jax.Array:  # [n, B, i] x [e, i, o]
         w = jnp.take(w, self.block_expert, axis=0).astype(dtype)  # [n, i, o]
@@ -153,7 +158,8 @@ def expert_ffn(
 
     Args:
       x_sorted: [m, d] rows grouped by expert (expert 0's rows first).
-      group_sizes: int32 [e], rows per expert, summing to m.
+      group_sizes: int32 [e], rows per expert, summing to m or less (rows past the sum are
+        padding: not computed, zero output).
       w_gate, w_up: [e, d, f]; w_down: [e, f, d].
       impl: "ragged" (lax.ragged_dot), "blocked" (padded blocks; the CPU path) or "auto".
     Returns:
@@ -218,6 +224,254 @@ def combine(y: jax.Array, weights: jax.Array, d: Dispatch, num_tokens: int) -> j
     return jnp.zeros((num_tokens, y.shape[-1]), jnp.float32).at[d.token].add(y)
 
 
+# ----------------------------------------------------------------------------- expert parallelism
+def ep_capacity(
+    tokens: int, k: int, ep: int, experts_per_device: int, capacity_factor: float | None
+) -> int:
+    """Rows one device sends to one peer in the capacity-padded all-to-all.
+
+    Args:
+      tokens: tokens on the sending device (T). k: num_experts_per_tok. ep: expert-parallel
+        devices. experts_per_device: e / ep. capacity_factor: None for dropless.
+
+    Returns:
+      ceil(capacity_factor * T * k / ep), at most the worst case T * min(k, e / ep) (a token
+      sends at most one row per expert it picked, and a peer holds e / ep experts); the worst case
+      itself when ``capacity_factor`` is None, so no assignment is ever dropped.
+    """
+    worst = tokens * min(k, experts_per_device)
+    if capacity_factor is None:
+        return worst
+    return max(1, min(worst, math.ceil(capacity_factor * tokens * k / ep)))
+
+
+def destination(idx: jax.Array, num_experts: int, ep: int) -> jax.Array:
+    """The expert-parallel device (index along the expert axis) holding each routed expert.
+
+    Experts are stacked [e, ...] and split in ``ep`` contiguous slices, so expert i lives on device
+    i // (e / ep). With ``n_group`` groups of e / n_group consecutive experts:
+      * ep >= n_group (n_group | ep): group j is held by the ep / n_group consecutive devices
+        j * ep / n_group ...; those devices are group j's *device group* (a node in the report).
+      * ep < n_group (ep | n_group): each device holds n_group / ep whole groups.
+    Either way a token's experts lie in at most ``topk_group`` groups, so it sends to at most
+    ``topk_group`` device groups: node-limited routing (V3 section 2.1.2, M = topk_group = 4 nodes
+    when n_group = 8 groups are 8 nodes of 8 devices).
+
+    Args:
+      idx: int [...] expert ids. num_experts: e. ep: devices on the expert axis (divides e).
+    Returns:
+      int32 [...] device index in [0, ep).
+    """
+    return (idx // (num_experts // ep)).astype(jnp.int32)
+
+
+def device_group(idx: jax.Array, config: ModelConfig, ep: int) -> jax.Array:
+    """The device group each expert id's rows travel to (see :func:`destination`): the expert's
+    group when n_group >= ep, else its device's group of ep / n_group devices (= its group)."""
+    config = ModelConfig.coerce(config)
+    g = config.n_group
+    if g >= ep:  # a device holds whole groups: the device itself is the unit a token reaches
+        return destination(idx, config.n_routed_experts, ep)
+    return destination(idx, config.n_routed_experts, ep) // (ep // g)
+
+
+class ExpertParallelPlan(NamedTuple):
+    """How a MoE layer runs on a mesh (static; see :func:`expert_parallel_plan`)."""
+
+    ep_axes: tuple[str, ...]  # mesh axes the routed experts are split over (all-to-all axes)
+    token_axes: tuple[str, ...]  # mesh axes the tokens' batch dimension is split over
+    tp_axes: tuple[str, ...]  # mesh axes the expert width f is split over (psum at the end)
+    ep: int  # devices along ep_axes
+
+
+def expert_parallel_plan(config: ModelConfig, mesh, batch: int) -> ExpertParallelPlan | None:
+    """The expert-parallel layout for ``config.moe_dispatch`` on ``mesh``, or None for the
+    GSPMD dispatch (no mesh, "gspmd", or "auto" with no expert axis larger than 1 / tokens not
+    split over it).
+
+    Raises:
+      ValueError: an all-to-all dispatch was asked for but the rules/mesh cannot run it (names
+        the experts / batch / expert_mlp axes and what is wrong).
+    """
+    from dsv3_jax.sharding import logical_to_spec, mesh_axes, spec_axes  # noqa: PLC0415
+
+    mode = config.moe_dispatch
+    if mode == "gspmd" or mesh is None or mesh.empty or mesh.size == 1:
+        return None
+    rules, e = config.sharding_rules, config.n_routed_experts
+    ep_axes = mesh_axes("experts", rules, mesh)
+    ep = math.prod(mesh.shape[a] for a in ep_axes)
+    token_axes = spec_axes(logical_to_spec(("batch",), rules, (batch,), mesh)[:1] or [None])
+    tp_axes = spec_axes(
+        logical_to_spec(("expert_mlp",), rules, (config.moe_intermediate_size,), mesh)[:1] or [None]
+    )
+    problem = None
+    if not ep_axes:
+        problem = "the sharding rules put 'experts' on no mesh axis larger than 1"
+    elif e % ep:
+        problem = f"n_routed_experts={e} is not a multiple of the {ep} devices of {ep_axes}"
+    elif not set(ep_axes) <= set(token_axes):
+        problem = (
+            f"the batch ({batch} rows) is not split over the expert axes {ep_axes} (batch axes "
+            f"used: {token_axes}); tokens must differ between expert-parallel devices"
+        )
+    elif set(tp_axes) & set(token_axes):
+        problem = f"'expert_mlp' axes {tp_axes} also split the batch ({token_axes})"
+    if problem is None:
+        return ExpertParallelPlan(ep_axes, token_axes, tp_axes, ep)
+    if mode == "auto":
+        return None
+    raise ValueError(f"ModelConfig.moe_dispatch={mode!r} cannot run on this mesh: {problem}")
+
+
+def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def _local_experts(rows, local_ids, e_local, w_gate, w_up, w_down, dtype, impl):
+    """Runs received rows through this device's experts; local id e_local marks padding."""
+    order = jnp.argsort(local_ids, stable=True)  # padding (id e_local) last
+    sizes = jnp.bincount(local_ids, length=e_local).astype(jnp.int32)  # padding not counted
+    y = expert_ffn(rows[order], sizes, w_gate, w_up, w_down, dtype, impl)
+    y = jnp.zeros_like(y).at[order].set(y)  # back to the received order
+    return jnp.where((local_ids < e_local)[:, None], y, 0)
+
+
+def expert_parallel_moe(
+    x: jax.Array,
+    weights: jax.Array,
+    idx: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    config: ModelConfig,
+    plan: ExpertParallelPlan,
+) -> tuple[jax.Array, jax.Array]:
+    """The routed experts' sum with explicit all-to-all token dispatch (one ``shard_map``).
+
+    Each device (a slice of the batch, a slice of the experts) sorts its T * k assignments by
+    expert, hence by destination device d = expert // (e / ep), exchanges them over the expert axes
+    with an all-to-all, runs its local experts' grouped matmul (:func:`expert_ffn`), sends the
+    results back with the reverse all-to-all and combines them with the gates; with the expert
+    width split over ``tensor`` each device computes its slice and the sums are psum-ed.
+
+    Variants (``config.moe_dispatch``):
+      all_to_all: ``lax.all_to_all`` of [ep, C, d] buffers, C = :func:`ep_capacity`; with
+        ``moe_capacity_factor`` set, the assignments past a peer's C (in expert, then token order)
+        are dropped: they add nothing to the token's output.
+      ragged_all_to_all: ``lax.ragged_all_to_all`` of exactly the rows each peer gets (GPU/TPU).
+
+    Args:
+      x: [b, s, d] tokens (model dtype). weights: float32 [b, s, k] gates. idx: int32 [b, s, k].
+      w_gate, w_up: [e, d, f]; w_down: [e, f, d] (the stacked expert weights).
+      config: the model config. plan: :func:`expert_parallel_plan`'s layout (mesh in context).
+
+    Returns:
+      (float32 [b, s, d] routed output, float32 scalar: assignments dropped over the whole batch).
+
+    Raises:
+      NotImplementedError: ragged_all_to_all on CPU (XLA:CPU has no ragged-all-to-all).
+    """
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+    ragged = config.moe_dispatch == "ragged_all_to_all"
+    if ragged and jax.default_backend() == "cpu":
+        raise NotImplementedError(
+            "ModelConfig.moe_dispatch='ragged_all_to_all' needs a GPU or TPU: XLA:CPU has no "
+            "ragged-all-to-all; use 'all_to_all' (capacity-padded) on CPU"
+        )
+    e, k = config.n_routed_experts, config.num_experts_per_tok
+    ep, ep_axes = plan.ep, plan.ep_axes
+    e_local = e // ep
+    dtype, impl = dtype_of(config.dtype), config.moe_impl
+    ep_name = ep_axes[0] if len(ep_axes) == 1 else ep_axes
+    tok = P(plan.token_axes or None)
+    tp = plan.tp_axes or None
+    w_in, w_out = P(ep_axes, None, tp), P(ep_axes, tp, None)
+
+    def local(x, weights, idx, w_gate, w_up, w_down):
+        b, s, d = x.shape
+        t = b * s
+        flat = idx.reshape(-1)  # [m], m = t * k
+        order = jnp.argsort(flat, stable=True)  # by expert, so by destination device
+        sorted_e = flat[order]
+        dest = destination(sorted_e, e, ep)  # [m]
+        counts = jnp.bincount(dest, length=ep).astype(jnp.int32)  # [ep] rows for each peer
+        start = _exclusive_cumsum(counts)
+        token = order // k
+        rows = x.reshape(t, d)[token]  # [m, d] sorted by destination
+        if ragged:
+            back, dropped = _ragged_exchange(
+                rows, sorted_e % e_local, counts, start, t, e_local, ep_name,
+                lambda r, ids: _local_experts(r, ids, e_local, w_gate, w_up, w_down, dtype, impl),
+            )  # fmt: skip
+        else:
+            cap = ep_capacity(t, k, ep, e_local, config.moe_capacity_factor)
+            rank = jnp.arange(flat.shape[0]) - start[dest]
+            keep = rank < cap
+            slot = jnp.where(keep, dest * cap + rank, ep * cap)  # out of range: dropped
+            send = jnp.zeros((ep * cap, d), x.dtype).at[slot].set(rows, mode="drop")
+            ids = (
+                jnp.full((ep * cap,), e_local, jnp.int32)
+                .at[slot]
+                .set(sorted_e % e_local, mode="drop")
+            )
+            recv = jax.lax.all_to_all(send.reshape(ep, cap, d), ep_name, 0, 0, tiled=True)
+            recv_ids = jax.lax.all_to_all(ids.reshape(ep, cap), ep_name, 0, 0, tiled=True)
+            y = _local_experts(
+                recv.reshape(ep * cap, d), recv_ids.reshape(-1), e_local,
+                w_gate, w_up, w_down, dtype, impl,
+            )  # fmt: skip
+            y = jax.lax.all_to_all(y.reshape(ep, cap, d), ep_name, 0, 0, tiled=True)
+            back = jnp.take(y.reshape(ep * cap, d), slot, axis=0, mode="fill", fill_value=0)
+            dropped = (~keep).sum()
+        gates = weights.reshape(-1)[order][:, None]  # [m, 1] float32
+        out = jnp.zeros((t, d), jnp.float32).at[token].add(back.astype(jnp.float32) * gates)
+        if plan.tp_axes:
+            out = jax.lax.psum(out, plan.tp_axes)
+        dropped = dropped.astype(jnp.float32)
+        if plan.token_axes:
+            dropped = jax.lax.psum(dropped, plan.token_axes)
+        return out.reshape(b, s, d), dropped
+
+    return jax.shard_map(
+        local,
+        in_specs=(tok, tok, tok, w_in, w_in, w_out),
+        out_specs=(tok, P()),
+    )(x, weights, idx, w_gate, w_up, w_down)
+
+
+def _ragged_exchange(rows, local_ids, counts, start, t, e_local, axis, experts):
+    """Dropless exchange with ``lax.ragged_all_to_all``: rows [m, d] sorted by destination,
+    ``counts`` [ep] rows per peer starting at ``start``; returns (expert outputs [m, d] in the same
+    order, 0 dropped). The receive buffer holds the worst case, ep * t * min(k, e_local) rows."""
+    m, d = rows.shape
+    ep = counts.shape[0]
+    me = jax.lax.axis_index(axis)
+    table = jax.lax.all_gather(counts, axis)  # [ep src, ep dst]: rows src sends to dst
+    recv_sizes = table[:, me]  # [ep]: rows each peer sends me
+    # where my chunk lands in peer p's receive buffer: after the chunks of the peers before me
+    out_offsets = _exclusive_cumsum(table, axis=0)[me]  # [ep]
+    cap = ep * t * min(m // t, e_local)
+    recv = jax.lax.ragged_all_to_all(
+        rows, jnp.zeros((cap, d), rows.dtype), start, counts, out_offsets, recv_sizes,
+        axis_name=axis,
+    )  # fmt: skip
+    recv_ids = jax.lax.ragged_all_to_all(
+        local_ids.astype(jnp.int32), jnp.full((cap,), e_local, jnp.int32), start, counts,
+        out_offsets, recv_sizes, axis_name=axis,
+    )  # fmt: skip
+    y = experts(recv, recv_ids)  # [cap, d], padding rows zero
+    # back: my received chunk from peer p sits at recv_start[p]; it lands at p's start[me]
+    recv_start = _exclusive_cumsum(recv_sizes)
+    their_start = _exclusive_cumsum(table, axis=1)[:, me]  # [ep]: peer p's offset for rows to me
+    back = jax.lax.ragged_all_to_all(
+        y, jnp.zeros((m, d), y.dtype), recv_start, recv_sizes, their_start, counts,
+        axis_name=axis,
+    )  # fmt: skip
+    return back, jnp.zeros((), jnp.int32)
+
+
 # ----------------------------------------------------------------------------- module
 class Router(nnx.Module):
     """The gate: kernel [d, e] float32 (HF ``mlp.gate.weight`` transposed) and the correction bias."""
@@ -266,7 +520,12 @@ class MoE(nnx.Module):
         aux: ``load`` float32 [e] (assignments per expert in this call, over the whole global
         batch under a mesh), ``balance`` (the sequence-wise balance loss without alpha) and
         ``experts`` int32 [b, s, k] (the routed experts of each token, as ``route`` picked them:
-        highest biased score first).
+        highest biased score first) and ``dropped`` float32 (assignments over the expert-parallel
+        capacity, counted over the global batch; 0 unless ``moe_capacity_factor`` is set).
+
+        On a mesh the dispatch follows ``config.moe_dispatch`` (:func:`expert_parallel_plan`):
+        the all-to-all path replaces dispatch/combine; routing, loads and the balance loss are
+        computed from the same global scores either way.
         """
         cfg = self.config
         rules = cfg.sharding_rules
@@ -278,25 +537,35 @@ class MoE(nnx.Module):
             weights, idx = route(
                 scores.reshape(-1, e), self.gate.e_score_correction_bias[...], cfg
             )  # [b*s, k]
-        with jax.named_scope("dispatch"):
-            sent = dispatch(x.reshape(-1, d), idx, e)
-        with jax.named_scope("experts"):
-            y = expert_ffn(
-                sent.x_sorted,
-                sent.group_sizes,
-                self.gate_proj[...],
-                self.up_proj[...],
-                self.down_proj[...],
-                dtype_of(cfg.dtype),
-                cfg.moe_impl,
-            )  # [m, d]
-        with jax.named_scope("combine"):
-            routed = combine(y, weights, sent, b * s).reshape(b, s, d)
+        plan = expert_parallel_plan(cfg, jax.sharding.get_abstract_mesh(), b)
+        if plan is not None:
+            with jax.named_scope("expert_parallel"):
+                routed, dropped = expert_parallel_moe(
+                    x, weights.reshape(b, s, k), idx.reshape(b, s, k), self.gate_proj[...],
+                    self.up_proj[...], self.down_proj[...], cfg, plan,
+                )  # fmt: skip
+        else:
+            with jax.named_scope("dispatch"):
+                sent = dispatch(x.reshape(-1, d), idx, e)
+            with jax.named_scope("experts"):
+                y = expert_ffn(
+                    sent.x_sorted,
+                    sent.group_sizes,
+                    self.gate_proj[...],
+                    self.up_proj[...],
+                    self.down_proj[...],
+                    dtype_of(cfg.dtype),
+                    cfg.moe_impl,
+                )  # [m, d]
+            with jax.named_scope("combine"):
+                routed = combine(y, weights, sent, b * s).reshape(b, s, d)
+            dropped = jnp.zeros((), jnp.float32)
         out = constrain(routed.astype(x.dtype), TOKENS, rules)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         aux = {
-            "load": sent.group_sizes.astype(jnp.float32),
+            "load": jnp.bincount(idx.reshape(-1), length=e).astype(jnp.float32),
+            "dropped": dropped,
             "balance": sequence_balance_loss(scores, idx.reshape(b, s, k), e),
             "experts": idx.reshape(b, s, k),
         }

@@ -214,6 +214,21 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def mesh_axes(
+    name: str, rules: Any = None, mesh: Mesh | jax.sharding.AbstractMesh | None = None
+) -> tuple[str, ...]:
+    """The mesh axes the logical ``name`` maps to (those of size > 1 on ``mesh`` when given)."""
+    axes = tuple(_table(rules).get(name) or ())
+    return axes if mesh is None else tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def spec_axes(spec_entry: Any) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+    if spec_entry is None:
+        return ()
+    return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None], rules: Any = None) -> jax.Array:
     """Pins ``x`` to the sharding its logical ``names`` map to, under the mesh in context.
 
