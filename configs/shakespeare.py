@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
             dtype="float32",  # bf16 matmuls are slow on CPU; use "bfloat16" on GPU/TPU
             param_dtype="float32",
             remat=False,
+            # Routed tokens on a mesh with an expert axis: "auto" = all-to-all in shard_map
+            # (dsv3_jax.moe); "gspmd" = one global sort. Capacity None = dropless.
+            moe_dispatch="auto",
+            moe_capacity_factor=ml_collections.config_dict.placeholder(float),
         )
     )
     # Fine-tune from a checkpoint (convert.py hf_to_orbax output, a training run, an HF folder);

@@ -301,10 +301,13 @@ def expert_parallel_plan(config: ModelConfig, mesh, batch: int) -> ExpertParalle
     rules, e = config.sharding_rules, config.n_routed_experts
     ep_axes = mesh_axes("experts", rules, mesh)
     ep = math.prod(mesh.shape[a] for a in ep_axes)
-    token_axes = spec_axes(logical_to_spec(("batch",), rules, (batch,), mesh)[:1] or [None])
-    tp_axes = spec_axes(
-        logical_to_spec(("expert_mlp",), rules, (config.moe_intermediate_size,), mesh)[:1] or [None]
-    )
+
+    def axes_of(name: str, size: int) -> tuple[str, ...]:
+        spec = logical_to_spec((name,), rules, (size,), mesh)
+        return spec_axes(spec[0] if len(spec) else None)
+
+    token_axes = axes_of("batch", batch)
+    tp_axes = axes_of("expert_mlp", config.moe_intermediate_size)
     problem = None
     if not ep_axes:
         problem = "the sharding rules put 'experts' on no mesh axis larger than 1"
@@ -322,6 +325,11 @@ def expert_parallel_plan(config: ModelConfig, mesh, batch: int) -> ExpertParalle
     if mode == "auto":
         return None
     raise ValueError(f"ModelConfig.moe_dispatch={mode!r} cannot run on this mesh: {problem}")
+
+
+def _ragged_all_to_all_supported() -> bool:
+    """XLA:CPU has no ragged-all-to-all (it fails at compile time with UNIMPLEMENTED)."""
+    return jax.default_backend() != "cpu"
 
 
 def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -375,7 +383,7 @@ def expert_parallel_moe(
     from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
     ragged = config.moe_dispatch == "ragged_all_to_all"
-    if ragged and jax.default_backend() == "cpu":
+    if ragged and not _ragged_all_to_all_supported():
         raise NotImplementedError(
             "ModelConfig.moe_dispatch='ragged_all_to_all' needs a GPU or TPU: XLA:CPU has no "
             "ragged-all-to-all; use 'all_to_all' (capacity-padded) on CPU"

@@ -90,7 +90,9 @@ def loss_fn(params, biases, graphdef, tokens, weights: LossWeights):
     """Training loss of a batch of token windows int32 [b, s + 1].
 
     Returns:
-      (loss, metrics) with metrics: ce, mtp_ce, balance, main_load [l, e], mtp_loads [D, e].
+      (loss, metrics) with metrics: ce, mtp_ce, balance, main_load [l, e], mtp_loads [D, e],
+      dropped (routed assignments over the expert-parallel capacity, all MoE layers; 0 unless
+      ``moe_capacity_factor`` is set).
     """
     model: DeepseekV3 = nnx.merge(graphdef, params, biases)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -100,6 +102,7 @@ def loss_fn(params, biases, graphdef, tokens, weights: LossWeights):
     loss = ce
     balance = out.aux["balance"].sum() if out.aux else jnp.float32(0)
     metrics = {"ce": ce, "main_load": out.aux.get("load", jnp.zeros((0,)))}
+    dropped = out.aux["dropped"].sum() if out.aux else jnp.float32(0)
     if model.num_mtp:
         mtp_logits, mtp_aux = model.mtp_forward(inputs, out.hidden)
         mtp_ces = []
@@ -109,10 +112,12 @@ def loss_fn(params, biases, graphdef, tokens, weights: LossWeights):
         mtp_ce = jnp.mean(jnp.stack(mtp_ces))
         loss = loss + weights.mtp_lambda * mtp_ce
         balance = balance + sum(a["balance"] for a in mtp_aux)
+        dropped = dropped + sum(a["dropped"] for a in mtp_aux)
         metrics["mtp_ce"] = mtp_ce
         metrics["mtp_loads"] = jnp.stack([a["load"] for a in mtp_aux])
     loss = loss + weights.balance_alpha * balance
     metrics["balance"] = balance
+    metrics["dropped"] = dropped
     return loss, metrics
 
 
@@ -179,6 +184,7 @@ def train_step(
         "loss": loss,
         "ce": metrics["ce"],
         "balance": metrics["balance"],
+        "dropped": metrics["dropped"],
         "grad_norm": grad_norm,
         "load_max_over_mean": (load.max(-1) / load.mean(-1)).max() if load.size else jnp.float32(1),
         "finite": finite,

@@ -520,6 +520,8 @@ def _train_loop(
             if "tokens_per_s" in metrics:
                 parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
             parts.append(f"expert load max/mean {metrics['load_max_over_mean']:.2f}")
+            if metrics["dropped"] or mcfg.moe_capacity_factor is not None:
+                parts.append(f"dropped {metrics['dropped']:.0f} assignments")
             log.info(" | ".join(parts))
             for k, v in metrics.items():
                 writer.add_scalar(f"train/{k}", v, step)

@@ -106,11 +106,12 @@ def _np_swiglu(x, wg, wu, wd):
     "sizes",
     [[5, 0, 3, 0, 12, 1, 0, 3], [24, 0, 0, 0, 0, 0, 0, 0], [3] * 8, [0, 1, 0, 0, 0, 0, 0, 0]],
 )
-def test_expert_ffn_equals_per_row_loop(impl, sizes):
+@pytest.mark.parametrize("pad", [0, 7])  # rows past sum(sizes): an all-to-all buffer's padding
+def test_expert_ffn_equals_per_row_loop(impl, sizes, pad):
     rng = np.random.default_rng(0)
     e, d, f = 8, 16, 12
     m = sum(sizes)
-    x = rng.normal(size=(m, d))
+    x = rng.normal(size=(m + pad, d))
     wg, wu = rng.normal(size=(2, e, d, f)) * 0.3
     wd = rng.normal(size=(e, f, d)) * 0.3
     got = expert_ffn(
@@ -125,6 +126,7 @@ def test_expert_ffn_equals_per_row_loop(impl, sizes):
     expert = np.repeat(np.arange(e), sizes)
     want = np.stack(
         [_np_swiglu(x[i], wg[expert[i]], wu[expert[i]], wd[expert[i]]) for i in range(m)]
+        + [np.zeros(d)] * pad  # padding rows: not computed, zero
     )
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
 
