@@ -15,6 +15,12 @@ For each mesh shape (and a single-device baseline) a child process with 8 fake C
                  per-device, so MB is what one device receives (all-gather: the gathered array,
                  reduce-scatter: its shard). A collective inside a while loop (the layer scans)
                  counts once per iteration (``known_trip_count``).
+  MoE MB         the part of those bytes whose op names lie in the routed experts' named scopes
+                 (expert_parallel, or dispatch / experts / combine for the GSPMD path).
+
+A mesh may end in ``/gspmd`` (``moe_dispatch="gspmd"``: one global sort that XLA partitions, the
+reference) or ``/cf=X`` (the all-to-all path with ``moe_capacity_factor=X``); otherwise meshes with
+an expert axis take the default all-to-all dispatch (``shard_map`` + ``lax.all_to_all``).
 
 The baseline uses one device of the same 8-device process, without a mesh. Fake CPU devices
 share this machine's cores, so the times show the overhead of partitioning, not a speed-up.
@@ -53,7 +59,12 @@ from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.model import DeepseekV3  # noqa: E402
 
 DEVICES = 8
-MESHES = ("single", "data=8", "fsdp=2,tensor=4", "data=2,expert=4", "fsdp=2,expert=2,tensor=2")
+MESHES = (
+    "single", "data=8", "fsdp=2,tensor=4", "data=2,expert=4", "data=2,expert=4/gspmd",
+    "fsdp=2,expert=2,tensor=2", "fsdp=2,expert=2,tensor=2/gspmd", "expert=8", "expert=8/gspmd",
+)  # fmt: skip
+# Named scopes of the routed-expert path (dsv3_jax.moe): the MoE's share of the collectives.
+_MOE_SCOPES = re.compile(r"[/(](expert_parallel|dispatch|experts|combine)[/)]")
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _ALIASES = {"ragged-all-to-all": "all-to-all", "collective-broadcast": "collective-permute"}
 
@@ -173,10 +184,23 @@ def collectives(hlo: str) -> dict:
 
 # ----------------------------------------------------------------------------- one mesh (child)
 def parse_mesh(spec: str) -> dict[str, int] | None:
-    """'fsdp=2,tensor=4' -> {'fsdp': 2, 'tensor': 4}; 'single' -> None."""
+    """'fsdp=2,tensor=4' -> {'fsdp': 2, 'tensor': 4}; 'single' -> None (any /variant ignored)."""
+    spec = spec.split("/")[0]
     if spec == "single":
         return None
     return {k: int(v) for k, v in (part.split("=") for part in spec.split(","))}
+
+
+def parse_variant(spec: str) -> dict:
+    """The ModelConfig overrides of a mesh spec's ``/variant``: '/gspmd', '/cf=1.25' or none."""
+    if "/" not in spec:
+        return {}
+    variant = spec.split("/", 1)[1]
+    if variant == "gspmd":
+        return {"moe_dispatch": "gspmd"}
+    if variant.startswith("cf="):
+        return {"moe_dispatch": "all_to_all", "moe_capacity_factor": float(variant[3:])}
+    raise ValueError(f"unknown variant {variant!r}")
 
 
 def model_fields(vocab: int) -> dict:
@@ -193,7 +217,8 @@ def run_mesh(spec: str, args) -> dict:
         )
     axes = parse_mesh(spec)
     mesh = sharding.make_mesh(axes) if axes else None
-    model = DeepseekV3(ModelConfig(**model_fields(args.vocab)), rngs=nnx.Rngs(0))
+    fields = dict(model_fields(args.vocab), **parse_variant(spec))
+    model = DeepseekV3(ModelConfig(**fields), rngs=nnx.Rngs(0))
     with jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
         if mesh:
             sharding.shard_model(model, mesh)
@@ -227,6 +252,7 @@ def run_mesh(spec: str, args) -> dict:
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
         loss = float(metrics["loss"])
+        dropped = float(metrics["dropped"])
     if args.hlo_dir:
         os.makedirs(args.hlo_dir, exist_ok=True)
         name = spec.replace(",", "_").replace("=", "")
@@ -239,6 +265,7 @@ def run_mesh(spec: str, args) -> dict:
         "tokens_per_s": args.batch * args.seq_len / step_s,
         "state_mb": state_bytes / 1e6,
         "loss": loss,
+        "dropped": dropped,
         "collectives": collectives(hlo),
     }
 
@@ -246,17 +273,23 @@ def run_mesh(spec: str, args) -> dict:
 # ----------------------------------------------------------------------------- table (parent)
 def table(results: list[dict]) -> list[str]:
     """Markdown table: one row per mesh, one 'count / MB' cell per collective kind."""
-    head = ["mesh", "compile s", "step ms", "tokens/s", "state MB/dev", "loss", *KINDS, "total MB"]
+    head = ["mesh", "compile s", "step ms", "tokens/s", "state MB/dev", "loss", *KINDS, "total MB",
+            "MoE MB"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
     for r in results:
         kinds = r["collectives"]["kinds"]
         cells = [f"{kinds[k]['count']} / {kinds[k]['bytes'] / 1e6:.2f}" for k in KINDS]
         total = sum(v["bytes"] for v in kinds.values()) / 1e6
+        moe = sum(
+            o["bytes"] * o["times"]
+            for o in r["collectives"]["ops"]
+            if _MOE_SCOPES.search(o["op_name"])
+        )
         lines.append(
             f"| {r['mesh']} | {r['compile_s']:.1f} | {r['step_ms']:.0f} | "
             f"{r['tokens_per_s']:,.0f} | {r['state_mb']:.2f} | {r['loss']:.4f} | "
             + " | ".join(cells)
-            + f" | {total:.2f} |"
+            + f" | {total:.2f} | {moe / 1e6:.2f} |"
         )
     return lines
 
@@ -300,8 +333,10 @@ def main() -> None:
     for spec in args.mesh or MESHES:
         try:
             axes = parse_mesh(spec)
+            parse_variant(spec)
         except ValueError:
-            p.error(f"--mesh {spec!r}: expected 'single' or axis=size pairs like 'fsdp=2,tensor=4'")
+            p.error(f"--mesh {spec!r}: expected 'single' or axis=size pairs like 'fsdp=2,tensor=4'"
+                    ", optionally followed by /gspmd or /cf=<capacity factor>")  # fmt: skip
         if axes and math.prod(axes.values()) != DEVICES:
             p.error(f"--mesh {spec!r}: the axis sizes must multiply to {DEVICES}")
 
@@ -332,6 +367,8 @@ def main() -> None:
         for r in results
         if r["remat_warnings"]
     ]
+    notes += [f"{r['mesh']}: {r['dropped']:.0f} routed assignments dropped in the last step"
+              for r in results if r["dropped"]]  # fmt: skip
     notes += [f"{r['mesh']}: a while loop without a known trip count (counted once)"
               for r in results if r["collectives"]["unknown_trips"]]  # fmt: skip
     print("\n".join(lines + [""] + notes))

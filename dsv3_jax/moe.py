@@ -17,6 +17,14 @@ Dispatch is dropless: assignments are sorted by expert and run as one grouped ma
 ``jax.lax.ragged_dot`` on GPU/TPU and, on CPU (where ragged_dot is a dense masked product, e times
 the work), a blocked path that pads each expert's rows to whole blocks and does at most about twice
 the real work.
+
+Expert parallelism (V3 sections 2.1.2 and 3.2.2): on a mesh whose ``expert`` axis is larger than 1,
+:func:`expert_parallel_moe` replaces :func:`dispatch` / :func:`combine` with one ``shard_map``: each
+device sorts its own tokens' assignments by destination device, exchanges them by all-to-all, runs
+its e / ep local experts (:func:`expert_ffn`) and sends the results back. Routing, the expert loads
+(bias update) and the balance loss stay outside it, computed from the same global arrays as on one
+device. Experts are split in contiguous slices, so with ``n_group`` groups laid on the expert axis
+a token reaches at most ``topk_group`` device groups (:func:`destination`): node-limited routing.
 """
 
 from __future__ import annotations

@@ -152,3 +152,19 @@ def test_collectives_compiled_on_8_fake_devices():
     }
     gspmd = {k: (v["count"], v["bytes"]) for k, v in out["gspmd"].items() if v["count"]}
     assert gspmd == {"all-reduce": (1, 4)}
+
+
+def test_mesh_variants_and_moe_scopes():
+    assert scaling_bench.parse_mesh("data=2,expert=4/gspmd") == {"data": 2, "expert": 4}
+    assert scaling_bench.parse_variant("data=2,expert=4/gspmd") == {"moe_dispatch": "gspmd"}
+    assert scaling_bench.parse_variant("expert=8/cf=1.25") == {
+        "moe_dispatch": "all_to_all", "moe_capacity_factor": 1.25,
+    }  # fmt: skip
+    assert scaling_bench.parse_variant("expert=8") == {}
+    with pytest.raises(ValueError, match="unknown variant"):
+        scaling_bench.parse_variant("expert=8/fast")
+    moe = scaling_bench._MOE_SCOPES.search
+    assert moe("jit(train_step)/jvp()/while/body/eval_jaxpr/expert_parallel/shard_map/all_to_all")
+    assert moe("jit(train_step)/(jvp(dispatch)/gather:jvp(combine)/gather)")
+    assert moe("jit(train_step)/transpose(jvp(combine))/gather")
+    assert not moe("jit(train_step)/transpose(jvp())/while/body/eval_jaxpr/router/dot_general")
