@@ -240,12 +240,30 @@ def batch_shards(config: ModelConfig, axes: Mapping[str, int], batch: int) -> in
     return math.prod(axes.get(a, 1) for a in sharding.spec_axes(spec[0] if spec else None))
 
 
-def expert_shards(config: ModelConfig, axes: Mapping[str, int]) -> int:
-    """Expert-parallel devices: the product of the mesh axes 'experts' maps to (if they divide e)."""
-    leaf = Leaf(("e",), (config.n_routed_experts,), jnp.dtype("int8"), ("experts",), True)
-    return (
-        config.n_routed_experts // shard_shape(leaf, abstract_mesh(axes), config.sharding_rules)[0]
-    )
+def expert_parallel_size(config: ModelConfig, axes: Mapping[str, int], batch: int) -> int:
+    """Devices the routed experts are split over for the all-to-all dispatch; 1 where the MoE takes
+    the GSPMD dispatch instead. The conditions of ``moe.expert_parallel_plan`` (dispatch "auto"
+    or an all-to-all): 'experts' on mesh axes larger than 1 that divide n_routed_experts, every
+    one of them splitting the batch, none of 'expert_mlp''s axes splitting it.
+
+    (Written out here rather than calling ``expert_parallel_plan``: that function reads
+    ``logical_to_spec(...)[:1]`` as the batch's axes, which nests them when the batch is split
+    over two or more axes, e.g. fsdp and expert, and then takes the GSPMD path.)
+    """
+    if config.moe_dispatch == "gspmd":
+        return 1
+    mesh, rules = abstract_mesh(axes), config.sharding_rules
+    ep_axes = sharding.mesh_axes("experts", rules, mesh)
+    ep = math.prod(mesh.shape[a] for a in ep_axes)
+
+    def split(name: str, size: int) -> set[str]:
+        spec = sharding.logical_to_spec((name,), rules, (size,), mesh)
+        return set(sharding.spec_axes(spec[0] if spec else None))
+
+    tokens = split("batch", batch)
+    width = split("expert_mlp", config.moe_intermediate_size)
+    ok = ep > 1 and config.n_routed_experts % ep == 0 and set(ep_axes) <= tokens
+    return ep if ok and not width & tokens else 1
 
 
 # ----------------------------------------------------------------------------- activations
@@ -387,8 +405,10 @@ def make_plan(
       infer_batch, context: sequences and cached tokens per sequence of the KV cache.
       activations: from :func:`measure_activations` (None: activations left out).
 
+    The all-to-all terms are zero where :func:`expert_parallel_size` is 1 (GSPMD dispatch).
+
     Raises:
-      ValueError: an unknown axis (from the rules), a non-positive size.
+      ValueError: an unknown axis or a non-positive size (named).
     """
     unknown = sorted(set(axes) - set(sharding.MESH_AXES))
     if unknown:
@@ -402,7 +422,7 @@ def make_plan(
             axes.get(a, 1) for a in sharding.mesh_axes("batch", config.sharding_rules)
         )
     tokens = batch * seq_len / batch_shards(config, axes, batch)
-    ep = expert_shards(config, axes)
+    ep = expert_parallel_size(config, axes, batch)
     k, d = config.num_experts_per_tok, config.hidden_size
     item = jnp.dtype(config.dtype).itemsize
     t_local = math.ceil(tokens)
@@ -467,7 +487,7 @@ def format_plan(config: ModelConfig, plan: Plan, device_memory: float, count: in
     s = plan.state
     g = lambda x: f"{x / GB:10.2f} GB"  # noqa: E731
     act = "not measured (--no_measure)" if plan.activations is None else g(plan.activations)
-    ep_note = "" if plan.ep > 1 else "  (no expert axis: no all-to-all)"
+    ep_note = "" if plan.ep > 1 else " (GSPMD dispatch: no all-to-all)"
     cf = config.moe_capacity_factor
     lines = [
         f"mesh {describe(plan.axes)}; training batch {plan.batch} x {plan.seq_len} tokens "
