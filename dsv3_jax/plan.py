@@ -485,8 +485,11 @@ def smallest_mesh(config, kind: str, device_memory: float, batch_per_shard: int,
 def format_plan(config: ModelConfig, plan: Plan, device_memory: float, count: int) -> list[str]:
     """The table for one mesh: a labelled line per term, in GB (1e9 bytes) per device."""
     s = plan.state
-    g = lambda x: f"{x / GB:10.2f} GB"  # noqa: E731
-    act = "not measured (--no_measure)" if plan.activations is None else g(plan.activations)
+
+    def row(label: str, value: float | None, note: str = "") -> str:
+        text = "not measured (--no_measure)" if value is None else f"{value / GB:9.2f} GB"
+        return f"  {label:<38}{text}{note}"
+
     ep_note = "" if plan.ep > 1 else " (GSPMD dispatch: no all-to-all)"
     cf = config.moe_capacity_factor
     lines = [
@@ -496,33 +499,33 @@ def format_plan(config: ModelConfig, plan: Plan, device_memory: float, count: in
         f"parameters: main model {s['main_count']:,} (count_params: {count:,}), "
         f"MTP {s['mtp_count']:,}",
         "",
-        "training (per device)",
-        f"  parameters ({config.param_dtype}, MTP incl.)    {g(s['params'])}",
-        f"    of which MTP                        {g(s['mtp_params'])}",
-        f"  correction biases (float32)           {g(s['biases'])}",
-        f"  gradients                             {g(s['grads'])}",
-        f"  AdamW mu + nu                         {g(s['adam'])}",
-        f"  activations (measured, scaled)        {act}",
-        f"  all-to-all buffers (one MoE layer)    {g(plan.a2a_buffers)}",
-        f"  total                                 {g(plan.train_total)}",
+        "training, per device",
+        row(f"parameters ({config.param_dtype}, MTP incl.)", s["params"]),
+        row("  of which MTP", s["mtp_params"]),
+        row("correction biases (float32)", s["biases"]),
+        row("gradients", s["grads"]),
+        row("AdamW mu + nu", s["adam"]),
+        row("activations (measured, scaled)", plan.activations),
+        row("all-to-all buffers (one MoE layer)", plan.a2a_buffers),
+        row("total", plan.train_total),
         "",
         f"all-to-all per MoE layer per device, forward (backward as much), ep={plan.ep}{ep_note}",
-        f"  capacity-padded (C={plan.capacity:,}, capacity_factor={cf})  {g(plan.a2a_padded)}",
-        f"  ragged, dropless, uniform routing     {g(plan.a2a_ragged)}",
+        row("capacity-padded", plan.a2a_padded, f"  (C={plan.capacity:,}, capacity_factor={cf})"),
+        row("ragged (dropless, uniform routing)", plan.a2a_ragged),
         "",
-        f"inference (per device, main model; batch {plan.infer_batch} x context {plan.context})",
-        f"  weights bf16                          {g(s['weights_bf16'])}",
-        f"  weights FP8 (+128x128 block scales)   {g(s['weights_fp8'])}",
-        f"  latent KV cache (bf16)                {g(plan.kv_cache)}",
-        f"  total bf16                            {g(plan.infer_total(False))}",
-        f"  total FP8                             {g(plan.infer_total(True))}",
+        f"inference, per device (main model; KV cache of {plan.infer_batch} x {plan.context})",
+        row("weights bf16", s["weights_bf16"]),
+        row("weights FP8 (+ 128x128 block scales)", s["weights_fp8"]),
+        row("latent KV cache (bf16)", plan.kv_cache),
+        row("total bf16", plan.infer_total(False)),
+        row("total FP8", plan.infer_total(True)),
     ]
     mem = device_memory * HEADROOM
     fits = lambda x: "fits" if x <= mem else "does NOT fit"  # noqa: E731
     lines += [
         "",
-        f"on {device_memory / GB:.0f} GB devices ({HEADROOM:.0%} usable): training "
-        f"{fits(plan.train_total)}, bf16 inference {fits(plan.infer_total(False))}, FP8 "
+        f"on {device_memory / GB:.0f} GB devices ({HEADROOM:.0%} usable): training"
+        f"{' (without activations)' if plan.activations is None else ''} {fits(plan.train_total)}, bf16 inference {fits(plan.infer_total(False))}, FP8 "
         f"inference {fits(plan.infer_total(True))}",
     ]
     return lines
