@@ -380,7 +380,7 @@ class Plan:
             + s["grads"]
             + s["adam"]
             + (self.activations or 0.0)
-            + (self.a2a_buffers)
+            + self.a2a_buffers
         )
 
     def infer_total(self, fp8: bool) -> float:
@@ -441,9 +441,9 @@ def make_plan(
 
 
 def candidate_meshes(config: ModelConfig, max_devices: int = 4096):
-    """Mesh shapes to search, fewest devices first: powers of two n >= 8 (whole 8-GPU nodes; 1, 2,
-    4 too), tensor in {1, 2, 4, 8}, expert a power of two dividing n_routed_experts, fsdp the rest
-    (fsdp shards every weight's embed dim; data would replicate the state, so never saves memory)."""
+    """Mesh shapes to search, fewest devices first: n = 1, 2, 4, ... up to ``max_devices``, tensor
+    in {1, 2, 4, 8}, expert a power of two dividing n_routed_experts, fsdp the rest (fsdp shards
+    every weight's embed dim; data would replicate the state, so it never saves memory)."""
     n = 1
     while n <= max_devices:
         for tensor in (1, 2, 4, 8):
@@ -548,6 +548,8 @@ def parse_bytes(text: str) -> float:
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None) -> None:
+    """The CLI (module docstring). Flags are defined here, not at import, so importing the library
+    part defines no absl flags (train.py's ``--config`` would clash)."""
     from absl import app, flags  # noqa: PLC0415
     from ml_collections import config_flags  # noqa: PLC0415
 
