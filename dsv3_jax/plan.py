@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv3_jax import sharding
+from dsv3_jax import moe, sharding
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.mla import kv_cache_bytes_per_token
 from dsv3_jax.moe import ExpertBias, ep_capacity
@@ -242,28 +242,9 @@ def batch_shards(config: ModelConfig, axes: Mapping[str, int], batch: int) -> in
 
 def expert_parallel_size(config: ModelConfig, axes: Mapping[str, int], batch: int) -> int:
     """Devices the routed experts are split over for the all-to-all dispatch; 1 where the MoE takes
-    the GSPMD dispatch instead. The conditions of ``moe.expert_parallel_plan`` (dispatch "auto"
-    or an all-to-all): 'experts' on mesh axes larger than 1 that divide n_routed_experts, every
-    one of them splitting the batch, none of 'expert_mlp''s axes splitting it.
-
-    (Written out here rather than calling ``expert_parallel_plan``: that function reads
-    ``logical_to_spec(...)[:1]`` as the batch's axes, which nests them when the batch is split
-    over two or more axes, e.g. fsdp and expert, and then takes the GSPMD path.)
-    """
-    if config.moe_dispatch == "gspmd":
-        return 1
-    mesh, rules = abstract_mesh(axes), config.sharding_rules
-    ep_axes = sharding.mesh_axes("experts", rules, mesh)
-    ep = math.prod(mesh.shape[a] for a in ep_axes)
-
-    def split(name: str, size: int) -> set[str]:
-        spec = sharding.logical_to_spec((name,), rules, (size,), mesh)
-        return set(sharding.spec_axes(spec[0] if spec else None))
-
-    tokens = split("batch", batch)
-    width = split("expert_mlp", config.moe_intermediate_size)
-    ok = ep > 1 and config.n_routed_experts % ep == 0 and set(ep_axes) <= tokens
-    return ep if ok and not width & tokens else 1
+    the GSPMD dispatch instead (``moe.expert_parallel_plan``'s decision on this mesh and batch)."""
+    plan = moe.expert_parallel_plan(config, abstract_mesh(axes), batch)
+    return 1 if plan is None else plan.ep
 
 
 # ----------------------------------------------------------------------------- activations
