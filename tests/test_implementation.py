@@ -26,6 +26,8 @@ SWITCHES = {
     "param_dtype": "bfloat16",
     "remat": True,
     "moe_impl": "ragged",
+    "moe_dispatch": "gspmd",
+    "moe_capacity_factor": 1.25,
     "mla_decode": "naive",
     "attention_kernel": "pallas",
     "sharding_rules": (("batch", ("data",)), ("experts", ("expert",))),  # as check_rules writes it
@@ -96,7 +98,8 @@ def test_switch_changes_every_layer(field, baseline):
     expected = {k: str(v) for k, v in _programs(_fresh(model.config)).items()}
     for name in switched:
         assert switched[name] == expected[name], f"{field}: {name} differs from a fresh model"
-    if field != "sharding_rules":  # acts only under a multi-device mesh: tests/test_mesh.py
+    mesh_only = ("sharding_rules", "moe_dispatch", "moe_capacity_factor")
+    if field not in mesh_only:  # those act under a mesh only: test_mesh.py, test_moe_ep.py
         assert switched != baseline, f"{field}={SWITCHES[field]!r} changed no computation"
 
 
