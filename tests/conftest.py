@@ -1,3 +1,4 @@
+import json
 import os
 import pathlib
 import subprocess
@@ -64,3 +65,18 @@ def tiny_run(tmp_path_factory, cli_env):
     r = run_script(train_args(workdir, cli_env), cli_env)
     assert r.returncode == 0, r.stderr[-3000:]
     return workdir, r
+
+
+def mesh_script_report(name: str, *args: str, timeout: float = 900) -> dict:
+    """Runs tests/mesh_scripts/<name>.py (8 fake CPU devices, set by the script) in a subprocess
+    and returns the JSON of its ``RESULT `` line; the script's stderr tail on failure."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, f"tests/mesh_scripts/{name}.py", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    report = json.loads(line[len("RESULT ") :])
+    assert report["devices"] == 8
+    return report

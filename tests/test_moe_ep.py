@@ -5,11 +5,6 @@ fake CPU devices; the full model on expert meshes (loss, gradients, a train step
 compared in tests/test_mesh.py, where expert meshes now take the all-to-all path by default.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,21 +13,12 @@ from jax.sharding import AbstractMesh, AxisType
 
 from dsv3_jax import ModelConfig, moe
 from dsv3_jax.sharding import MESH_AXES
-from tests.conftest import ROOT
+from tests.conftest import mesh_script_report
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "tests/mesh_scripts/expert_parallel.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    out = json.loads(line[len("RESULT ") :])
-    assert out["devices"] == 8
-    return out
+    return mesh_script_report("expert_parallel")
 
 
 CASES = [

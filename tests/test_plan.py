@@ -6,7 +6,6 @@ is not run here.
 """
 
 import dataclasses
-import json
 import math
 import os
 import subprocess
@@ -18,23 +17,14 @@ from configs import deepseek_v3_671b
 from dsv3_jax import plan
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import count_params
-from tests.conftest import ROOT
+from tests.conftest import ROOT, mesh_script_report
 
 V3 = ModelConfig.coerce(dict(deepseek_v3_671b.get_config().model))
 
 
 @pytest.fixture(scope="module")
 def sharded():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "tests/mesh_scripts/plan.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    report = json.loads(line[len("RESULT ") :])
-    assert report["devices"] == 8
-    return report
+    return mesh_script_report("plan")
 
 
 def test_plan_bytes_equal_the_sharded_arrays(sharded):
