@@ -61,6 +61,7 @@ from dsv3_jax.model import DeepseekV3  # noqa: E402
 DEVICES = 8
 MESHES = (
     "single", "data=8", "fsdp=2,tensor=4", "data=2,expert=4", "data=2,expert=4/gspmd",
+    "data=2,expert=4/cf=1.25",
     "fsdp=2,expert=2,tensor=2", "fsdp=2,expert=2,tensor=2/gspmd", "expert=8", "expert=8/gspmd",
 )  # fmt: skip
 # Named scopes of the routed-expert path (dsv3_jax.moe): the MoE's share of the collectives.

@@ -170,10 +170,13 @@ class ModelConfig:
     # How routed tokens reach their experts on a mesh (dsv3_jax.moe): "gspmd" (one global sort,
     # XLA partitions it; the reference), "all_to_all" (shard_map over the expert axis with
     # capacity-padded lax.all_to_all), "ragged_all_to_all" (exact-size lax.ragged_all_to_all;
-    # GPU/TPU only) or "auto" (all_to_all when the mesh's expert axis is larger than 1, else gspmd).
+    # GPU/TPU only) or "auto" (all_to_all when the mesh's expert axis is larger than 1 and splits
+    # the batch, else gspmd).
     moe_dispatch: str = "auto"
     # all_to_all rows per peer: ceil(factor * tokens * k / ep); None: the worst case (dropless, as
     # DeepSeek-V3 trains). Assignments over capacity are dropped and counted (aux "dropped").
+    # Used by the all_to_all dispatch only (gspmd and ragged_all_to_all never drop); generate()
+    # always samples dropless.
     moe_capacity_factor: float | None = None
     # Attention over the latent cache (decode, speculative verification): "absorbed" folds kv_b
     # into the query and the output (multi-query attention over [c; r]); "naive" expands kv_b.

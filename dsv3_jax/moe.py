@@ -13,7 +13,7 @@ The bias b (``e_score_correction_bias``) only steers selection: it is an :class:
 variable, not an ``nnx.Param``, so it gets no gradient, no optimizer state and no weight decay; the
 trainer updates it after each step with :func:`update_expert_bias`.
 
-Dispatch is dropless: assignments are sorted by expert and run as one grouped matmul, with
+On one device dispatch is dropless: assignments are sorted by expert and run as one grouped matmul, with
 ``jax.lax.ragged_dot`` on GPU/TPU and, on CPU (where ragged_dot is a dense masked product, e times
 the work), a blocked path that pads each expert's rows to whole blocks and does at most about twice
 the real work.
@@ -167,7 +167,8 @@ def expert_ffn(
     Args:
       x_sorted: [m, d] rows grouped by expert (expert 0's rows first).
       group_sizes: int32 [e], rows per expert, summing to m or less (rows past the sum are
-        padding: not computed, zero output).
+        padding: the blocked path skips them and returns zeros; ragged_dot leaves them to the
+        backend, so callers mask them, as :func:`expert_parallel_moe` does).
       w_gate, w_up: [e, d, f]; w_down: [e, f, d].
       impl: "ragged" (lax.ragged_dot), "blocked" (padded blocks; the CPU path) or "auto".
     Returns:
@@ -208,8 +209,9 @@ def dispatch(x: jax.Array, idx: jax.Array, num_experts: int) -> Dispatch:
       :class:`Dispatch` with m = T * k rows.
 
     Under a sharded mesh this is the global sort GSPMD partitions as it sees fit (the routing
-    ids are all-gathered and every device sorts all rows); an explicit all-to-all dispatch would
-    replace :func:`dispatch` and :func:`combine` and keep :func:`expert_ffn`.
+    ids are all-gathered and every device sorts all rows): ``moe_dispatch="gspmd"``. The
+    expert-parallel path (:func:`expert_parallel_moe`) replaces :func:`dispatch` and
+    :func:`combine` and keeps :func:`expert_ffn`.
     """
     k = idx.shape[-1]
     flat = idx.reshape(-1)  # [m]
@@ -274,11 +276,21 @@ def destination(idx: jax.Array, num_experts: int, ep: int) -> jax.Array:
 
 
 def device_group(idx: jax.Array, config: ModelConfig, ep: int) -> jax.Array:
-    """The device group each expert id's rows travel to (see :func:`destination`): the expert's
-    group when n_group >= ep, else its device's group of ep / n_group devices (= its group)."""
+    """The device group each expert id's rows travel to (see :func:`destination`).
+
+    n_group < ep (ep / n_group devices per group): the expert's group, i.e. its device // (ep /
+    n_group). n_group >= ep (whole groups per device): the device itself.
+
+    Raises:
+      ValueError: neither of n_group and ep divides the other.
+    """
     config = ModelConfig.coerce(config)
     g = config.n_group
-    if g >= ep:  # a device holds whole groups: the device itself is the unit a token reaches
+    if g % ep and ep % g:
+        raise ValueError(
+            f"n_group={g} and the {ep} expert-parallel devices must divide one another"
+        )
+    if g >= ep:
         return destination(idx, config.n_routed_experts, ep)
     return destination(idx, config.n_routed_experts, ep) // (ep // g)
 
@@ -457,6 +469,18 @@ def expert_parallel_moe(
     )(x, weights, idx, w_gate, w_up, w_down)
 
 
+def _varying(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x`` typed as varying over the mesh axes ``like`` varies over: ragged_all_to_all's result
+    takes its ``output`` buffer's type, and a buffer typed the same on every device would make
+    shard_map's autodiff psum the cotangents across devices."""
+    axes = tuple(getattr(jax.typeof(like), "vma", ()))
+    if not axes:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axes, to="varying")
+    return jax.lax.pvary(x, axes)  # jax < 0.12
+
+
 def _ragged_exchange(rows, local_ids, counts, start, t, e_local, axis, experts):
     """Dropless exchange with ``lax.ragged_all_to_all``: rows [m, d] sorted by destination,
     ``counts`` [ep] rows per peer starting at ``start``; returns (expert outputs [m, d] in the same
@@ -470,19 +494,20 @@ def _ragged_exchange(rows, local_ids, counts, start, t, e_local, axis, experts):
     out_offsets = _exclusive_cumsum(table, axis=0)[me]  # [ep]
     cap = ep * t * min(m // t, e_local)
     recv = jax.lax.ragged_all_to_all(
-        rows, jnp.zeros((cap, d), rows.dtype), start, counts, out_offsets, recv_sizes,
+        rows, _varying(jnp.zeros((cap, d), rows.dtype), rows), start, counts, out_offsets,
+        recv_sizes,
         axis_name=axis,
     )  # fmt: skip
     recv_ids = jax.lax.ragged_all_to_all(
-        local_ids.astype(jnp.int32), jnp.full((cap,), e_local, jnp.int32), start, counts,
-        out_offsets, recv_sizes, axis_name=axis,
+        local_ids.astype(jnp.int32), _varying(jnp.full((cap,), e_local, jnp.int32), rows), start,
+        counts, out_offsets, recv_sizes, axis_name=axis,
     )  # fmt: skip
     y = experts(recv, recv_ids)  # [cap, d], padding rows zero
     # back: my received chunk from peer p sits at recv_start[p]; it lands at p's start[me]
     recv_start = _exclusive_cumsum(recv_sizes)
     their_start = _exclusive_cumsum(table, axis=1)[:, me]  # [ep]: peer p's offset for rows to me
     back = jax.lax.ragged_all_to_all(
-        y, jnp.zeros((m, d), y.dtype), recv_start, recv_sizes, their_start, counts,
+        y, _varying(jnp.zeros((m, d), y.dtype), y), recv_start, recv_sizes, their_start, counts,
         axis_name=axis,
     )  # fmt: skip
     return back, jnp.zeros((), jnp.int32)

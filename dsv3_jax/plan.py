@@ -454,8 +454,11 @@ def smallest_mesh(config, kind: str, device_memory: float, batch_per_shard: int,
         shards = math.prod(
             axes[a] for a in sharding.mesh_axes("batch", config.sharding_rules) if a in axes
         )
-        p = make_plan(config, axes, batch_per_shard * shards, seq_len, infer_batch, context,
-                      activations)  # fmt: skip
+        try:
+            p = make_plan(config, axes, batch_per_shard * shards, seq_len, infer_batch, context,
+                          activations)  # fmt: skip
+        except ValueError:  # an explicit moe_dispatch this mesh cannot run
+            continue
         total = p.train_total if kind == "train" else p.infer_total(kind == "fp8")
         if total <= HEADROOM * device_memory and (best is None or total < best[2]):
             best = (axes, p, total)

@@ -449,6 +449,10 @@ def generate(
         result = jnp.asarray(np.stack(prompts)) if as_array else [p.tolist() for p in prompts]
         return (result, GenerateStats(0, 0, 0, 0)) if return_stats else result
     b_asked = len(prompts)
+    if cfg.moe_capacity_factor is not None:  # a training knob: sampling is always dropless
+        from dsv3_jax.model import with_implementation  # noqa: PLC0415
+
+        model = with_implementation(nnx.merge(*nnx.split(model)), moe_capacity_factor=None)
     mesh = sharding.mesh_of(model)
     if mesh is not None:  # rows are split over the batch axes: pad to a multiple (dropped after)
         n = sharding.batch_shards(mesh, cfg.sharding_rules)

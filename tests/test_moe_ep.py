@@ -139,3 +139,15 @@ def test_ten_train_steps_on_data2_expert4_equal_one_device(report):
     assert got["loss_rel"] < 1e-5, got
     assert got["bias"] < 1e-5 and got["bias_moved"] > 0  # the biases moved, and moved alike
     assert got["dropped"] == 0  # the default capacity drops nothing
+
+
+def test_generate_is_dropless_and_leaves_the_model_alone():
+    from flax import nnx
+
+    from dsv3_jax import DeepseekV3, generate
+
+    model = DeepseekV3(SMALL.replace(moe_capacity_factor=1.0), rngs=nnx.Rngs(0))
+    out = generate(model, [[1, 2, 3]], 3)
+    assert model.config.moe_capacity_factor == 1.0  # the caller's model keeps its setting
+    plain = DeepseekV3(SMALL, rngs=nnx.Rngs(0))
+    assert out == generate(plain, [[1, 2, 3]], 3)
