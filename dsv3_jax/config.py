@@ -23,7 +23,8 @@ _MODEL_TYPES = ("deepseek_v3", "kimi_k2")  # Kimi K2 ships the DeepSeek-V3 archi
 # between training and sampling of the same weights.
 IMPLEMENTATION_FIELDS = (
     "dtype", "param_dtype", "remat", "moe_impl", "moe_dispatch", "moe_capacity_factor",
-    "mla_decode", "attention_kernel", "sharding_rules",
+    "mla_decode", "attention_kernel", "sharding_rules", "fp8_training", "fp8_weights",
+    "fp8_kernel",
 )  # fmt: skip
 
 
@@ -183,6 +184,14 @@ class ModelConfig:
     mla_decode: str = "absorbed"
     # "reference" (jnp) or "pallas" (dsv3_jax.kernels: flash attention, latent decode attention).
     attention_kernel: str = "reference"
+    # FP8 (report section 3.3; dsv3_jax.fp8). fp8_training: every linear except the embedding,
+    # output head and router runs Fprop, Dgrad and Wgrad as block-scaled e4m3 GEMMs (master weights
+    # in param_dtype). fp8_weights: kernels stored as float8_e4m3fn with 128x128 block scales
+    # (``kernel_scale_inv``), as the official checkpoint ships them: inference only (load with
+    # fp8=True). fp8_kernel: the GEMM, "reference" (jnp) or "pallas".
+    fp8_training: bool = False
+    fp8_weights: bool = False
+    fp8_kernel: str = "reference"
     # Logical axis name -> mesh axes (dsv3_jax.sharding); None: sharding.DEFAULT_RULES. Set by
     # sharding.shard_model and the loaders' rules= argument; used only under a multi-device mesh.
     sharding_rules: tuple | None = None
@@ -332,11 +341,20 @@ class ModelConfig:
             ("moe_dispatch", ("auto", "gspmd", "all_to_all", "ragged_all_to_all")),
             ("mla_decode", ("absorbed", "naive")),
             ("attention_kernel", ("reference", "pallas")),
+            ("fp8_kernel", ("reference", "pallas")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
+        for name in ("fp8_training", "fp8_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.fp8_training and self.fp8_weights:
+            raise ValueError(
+                "ModelConfig.fp8_weights (frozen FP8 weights, inference) cannot be combined with "
+                "fp8_training (FP8 GEMMs over float master weights)"
+            )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(

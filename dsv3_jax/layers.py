@@ -1,4 +1,4 @@
-"""Building blocks shared by every module: the one linear helper, RMSNorm, embedding, SwiGLU MLP.
+"""Building blocks shared by every module: the one product helper, RMSNorm, embedding, SwiGLU MLP.
 
 Every parameter is created here with its logical axis names (``out_sharding`` metadata: embed,
 vocab, q_heads, kv_heads, o_heads, q_lora, kv_lora, mlp, shared_mlp, experts, expert_mlp, router,
@@ -12,10 +12,13 @@ never copied into a module: every module keeps the ModelConfig and reads it when
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.sharding import constrain
 
@@ -24,26 +27,64 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def linear(x: jax.Array, kernel: jax.Array, dtype: jnp.dtype, out_dtype=None) -> jax.Array:
-    """x @ kernel in ``dtype`` with float32 accumulation: the single swap point for FP8 GEMMs.
+class ScaleInv(nnx.Param):
+    """An FP8 kernel's float32 block scales (``dsv3_jax.fp8`` layout: kernel [..., i, o] ->
+    [..., ceil(i/128), ceil(o/128)]); a Param so checkpoints carry it beside its kernel."""
+
+
+def product(
+    x: jax.Array,
+    kernel: jax.Array,
+    config: ModelConfig,
+    *,
+    scale_inv: jax.Array | None = None,
+    out_dtype=None,
+    allow_fp8: bool = True,
+) -> jax.Array:
+    """x @ kernel: the one product helper for every weight (dense, output head, experts).
+
+    The implementation follows ``config`` (report section 3.3 for the FP8 modes):
+    - ``scale_inv`` given (FP8 weights, ``config.fp8_weights``): activations quantised on the fly
+      in 1x128 tiles, ``fp8.gemm`` with the kernel's 128x128 blocks (``config.fp8_kernel``);
+    - ``config.fp8_training`` and ``allow_fp8``: ``fp8.linear`` (Fprop, Dgrad and Wgrad in FP8);
+    - otherwise: a dot in ``config.dtype`` with float32 accumulation.
+    ``allow_fp8=False`` keeps a product in high precision whatever the config (the output head: the
+    report keeps the embedding, head, router, norms and attention core out of FP8).
 
     Args:
-      x: [..., in]. kernel: [in, out]. dtype: computation dtype. out_dtype: result dtype
-        (default ``dtype``).
+      x: [..., in], or [g, ..., in] when ``kernel`` is a stack [g, in, out] (one product per g:
+        the experts' blocked layout). kernel: [in, out] or [g, in, out]. scale_inv: float32
+        [(g,) ceil(in/128), ceil(out/128)]. out_dtype: result dtype (default ``config.dtype``).
     Returns:
-      [..., out].
+      [..., out] (or [g, ..., out]).
     """
+    dtype = dtype_of(config.dtype)
+    out_dtype = dtype if out_dtype is None else out_dtype
+    if kernel.ndim == 3:
+        one = functools.partial(product, config=config, out_dtype=out_dtype, allow_fp8=allow_fp8)
+        if scale_inv is None:
+            return jax.vmap(lambda a, w: one(a, w))(x, kernel)
+        return jax.vmap(lambda a, w, s: one(a, w, scale_inv=s))(x, kernel, scale_inv)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).astype(dtype)  # 2-D keeps XLA:CPU from transposing dW inputs
-    w = kernel.astype(dtype)
+    if scale_inv is not None:
+        xq, xs = fp8.quantize(x2, fp8.ACT_BLOCK)
+        y = fp8.gemm(xq, xs, kernel.T, scale_inv.T, jnp.float32, impl=config.fp8_kernel)
+    elif allow_fp8 and config.fp8_training:
+        y = fp8.linear(x2, kernel, jnp.float32, config.fp8_kernel)
+    else:
+        y = _dot(x2, kernel.astype(dtype))
+    return y.astype(out_dtype).reshape(*lead, kernel.shape[-1])
+
+
+def _dot(x2: jax.Array, w: jax.Array) -> jax.Array:
+    """[m, in] @ [in, out] with float32 accumulation (float32 result)."""
     if x2.shape[0] == 2 and jax.default_backend() == "cpu":
         # XLA:CPU runs a 1-row product as a matrix-vector kernel but packs the whole weight for
         # a 2-row GEMM: two 1-row products are 2x faster (speculative verification at batch 1).
         rows = [jnp.dot(x2[i : i + 1], w, preferred_element_type=jnp.float32) for i in range(2)]
-        y = jnp.concatenate(rows)
-    else:
-        y = jnp.dot(x2, w, preferred_element_type=jnp.float32)
-    return y.astype(dtype if out_dtype is None else out_dtype).reshape(*lead, kernel.shape[-1])
+        return jnp.concatenate(rows)
+    return jnp.dot(x2, w, preferred_element_type=jnp.float32)
 
 
 def param(rngs: nnx.Rngs, shape, axes, config: ModelConfig, init=None) -> nnx.Param:
@@ -54,6 +95,32 @@ def param(rngs: nnx.Rngs, shape, axes, config: ModelConfig, init=None) -> nnx.Pa
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=eager_sharding())
 
 
+def kernel_params(rngs: nnx.Rngs, shape, axes, config: ModelConfig):
+    """(kernel, scale_inv) Params of a weight [..., in, out]: float values and None, or with
+    ``config.fp8_weights`` its FP8 block quantisation (values float8_e4m3fn, :class:`ScaleInv`
+    [..., ceil(in/128), ceil(out/128)], block dims replicated)."""
+    kernel = param(rngs, shape, axes, config)
+    if not config.fp8_weights:
+        return kernel, None
+    values, scale = fp8.quantize(kernel[...], fp8.WEIGHT_BLOCK)
+    scale_axes = (*tuple(axes)[:-2], None, None)
+    return (
+        nnx.Param(values, out_sharding=tuple(axes), eager_sharding=eager_sharding()),
+        ScaleInv(scale, out_sharding=scale_axes, eager_sharding=eager_sharding()),
+    )
+
+
+def weight(kernel, scale_inv, dtype) -> jax.Array:
+    """A kernel as a ``dtype`` array: FP8 values dequantised with their scales (``fp8``)."""
+    if scale_inv is None:
+        return kernel.astype(dtype)
+    return fp8.dequantize(kernel, scale_inv, fp8.WEIGHT_BLOCK, dtype)
+
+
+def _scale(var) -> jax.Array | None:
+    return None if var is None else var[...]
+
+
 def eager_sharding() -> bool:
     """Never: flax would read the logical names as mesh axes. ``dsv3_jax.sharding`` places
     variables through its rules table (``shard_model``, ``model.init_model``, the loaders)."""
@@ -61,14 +128,29 @@ def eager_sharding() -> bool:
 
 
 class Linear(nnx.Module):
-    """Bias-free projection, kernel [in, out] with logical axes ``axes``."""
+    """Bias-free projection, kernel [in, out] with logical axes ``axes`` (``allow_fp8=False``:
+    never FP8, e.g. the output head)."""
 
-    def __init__(self, in_features: int, out_features: int, axes, config: ModelConfig, *, rngs):
+    def __init__(
+        self, in_features: int, out_features: int, axes, config: ModelConfig, *, rngs,
+        allow_fp8: bool = True,
+    ):  # fmt: skip
         self.config = config
-        self.kernel = param(rngs, (in_features, out_features), axes, config)
+        self.allow_fp8 = allow_fp8
+        self.kernel, self.kernel_scale_inv = kernel_params(
+            rngs, (in_features, out_features), axes,
+            config if allow_fp8 else config.replace(fp8_weights=False),
+        )  # fmt: skip
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
-        return linear(x, self.kernel[...], dtype_of(self.config.dtype), out_dtype)
+        return product(
+            x, self.kernel[...], self.config, scale_inv=_scale(self.kernel_scale_inv),
+            out_dtype=out_dtype, allow_fp8=self.allow_fp8,
+        )  # fmt: skip
+
+    def weight(self, dtype) -> jax.Array:
+        """The kernel [in, out] as ``dtype`` (FP8 dequantised)."""
+        return weight(self.kernel[...], _scale(self.kernel_scale_inv), dtype)
 
 
 class RMSNorm(nnx.Module):

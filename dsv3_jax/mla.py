@@ -200,12 +200,14 @@ class MLA(nnx.Module):
           q_c = q_nope W_UK^T (bshn,chn->bshc); scores = q_c . c_kv + q_rope . k_rope;
           o_c = softmax(scores) c_kv (multi-query attention over the [c + r]-wide latent);
           out = o_c W_UV (bshc,chv->bshv).
-        kv_b is never applied to the t cached tokens.
+        kv_b is never applied to the t cached tokens. FP8 weights (``fp8_weights``): kv_b is
+        dequantised for the two einsums, as DeepSeek's inference code does in its absorb mode
+        (``weight_dequant`` of wkv_b); the activations stay in the computation dtype.
         """
         cfg = self.config
         dtype = q_nope.dtype
         h, n = cfg.num_attention_heads, cfg.qk_nope_head_dim
-        w = self.kv_b_proj.kernel[...].astype(dtype).reshape(cfg.kv_lora_rank, h, -1)  # [c, h, n+v]
+        w = self.kv_b_proj.weight(dtype).reshape(cfg.kv_lora_rank, h, -1)  # [c, h, n+v]
         with jax.named_scope("absorb_q"):
             q_c = jnp.einsum(
                 "bshn,chn->bshc", q_nope, w[..., :n], preferred_element_type=jnp.float32

@@ -19,7 +19,7 @@ from flax import nnx
 
 from dsv3_jax import sharding
 from dsv3_jax.config import IMPLEMENTATION_FIELDS, ModelConfig
-from dsv3_jax.layers import MLP, Embed, Linear, RMSNorm, linear
+from dsv3_jax.layers import MLP, Embed, Linear, RMSNorm
 from dsv3_jax.mla import MLA, LatentCache, init_cache
 from dsv3_jax.moe import MoE
 from dsv3_jax.sharding import constrain, use_mesh_of
@@ -134,8 +134,9 @@ class DeepseekV3(nnx.Module):
         self.moe_layers = _stack(config, True, n_moe, rngs) if n_moe else None
         self.norm = RMSNorm(config.hidden_size, "embed", config)
         self.lm_head = Linear(
-            config.hidden_size, config.vocab_size, ("embed", "vocab"), config, rngs=rngs
-        )
+            config.hidden_size, config.vocab_size, ("embed", "vocab"), config, rngs=rngs,
+            allow_fp8=False,
+        )  # fmt: skip
         n_mtp = config.num_nextn_predict_layers if mtp else 0
         self.mtp = nnx.List([MTPModule(config, rngs=rngs) for _ in range(n_mtp)])
 
@@ -257,7 +258,7 @@ class DeepseekV3(nnx.Module):
         return logits, auxes
 
     def _mtp_logits(self, module: MTPModule, h):
-        return linear(module.shared_head_norm(h), self.lm_head.kernel[...], h.dtype, jnp.float32)
+        return self.lm_head(module.shared_head_norm(h), out_dtype=jnp.float32)
 
     def mtp_step(
         self, hidden, next_ids, positions, cache: dict, *, prefill: bool = False, logits_index=None
@@ -323,6 +324,11 @@ def with_implementation(model: DeepseekV3, **changes) -> DeepseekV3:
     if not isinstance(model, DeepseekV3):
         raise TypeError(f"with_implementation takes a DeepseekV3 model, got {type(model).__name__}")
     bad = sorted(set(changes) - set(IMPLEMENTATION_FIELDS))
+    if "fp8_weights" in changes and changes["fp8_weights"] != model.config.fp8_weights:
+        raise ValueError(
+            "fp8_weights changes how the weights are stored: load the checkpoint with fp8=True "
+            "(or without) instead of switching a built model"
+        )
     if bad:
         raise ValueError(
             f"only implementation fields {IMPLEMENTATION_FIELDS} can change, got {bad}"
@@ -338,9 +344,16 @@ def with_implementation(model: DeepseekV3, **changes) -> DeepseekV3:
             node.config = config
         if cast and not isinstance(node, Router):
             for var in vars(node).values():
-                if isinstance(var, nnx.Param):
+                if isinstance(var, nnx.Param) and not _is_fp8(var):
                     var.set_value(var.get_value().astype(param_dtype))
     return model
+
+
+def _is_fp8(var: nnx.Variable) -> bool:
+    """FP8 values and their scales keep their dtypes when param_dtype changes."""
+    from dsv3_jax.layers import ScaleInv  # noqa: PLC0415
+
+    return isinstance(var, ScaleInv) or var.get_value().dtype == jnp.float8_e4m3fn
 
 
 def abstract_model(

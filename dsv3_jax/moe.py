@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import MLP, dtype_of, eager_sharding, param
+from dsv3_jax.layers import MLP, dtype_of, eager_sharding, kernel_params, param, product
 from dsv3_jax.sharding import constrain
 
 TOKENS = ("batch", "seq", "act_embed")  # [b, s, d] entering and leaving the layer
@@ -146,10 +146,18 @@ class _BlockLayout:
         flat = y.reshape(self.num_blocks * self.block, -1)
         return jnp.take(flat, self.dest, axis=0, mode="fill", fill_value=0)
 
-    def matmul(self, x: jax.Array, w: jax.Array, dtype) -> jax.Array:  # [n, B, i] x [e, i, o]
-        w = jnp.take(w, self.block_expert, axis=0).astype(dtype)  # [n, i, o]
+    def matmul(self, x: jax.Array, w: jax.Array, dtype, config=None, scale=None) -> jax.Array:
+        """[n, B, i] x [e, i, o] -> [n, B, o]: each block times its expert's weight.
+
+        With ``config``: through ``layers.product`` (FP8 training, or FP8 weights with ``scale``
+        [e, ceil(i/128), ceil(o/128)]), one product per block.
+        """
+        w = jnp.take(w, self.block_expert, axis=0)  # [n, i, o]
+        if config is not None:
+            s = None if scale is None else jnp.take(scale, self.block_expert, axis=0)
+            return product(x, w, config, scale_inv=s)
         return jnp.einsum(
-            "nbi,nio->nbo", x.astype(dtype), w, preferred_element_type=jnp.float32
+            "nbi,nio->nbo", x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
         ).astype(dtype)
 
 
@@ -161,6 +169,8 @@ def expert_ffn(
     w_down: jax.Array,
     dtype,
     impl: str = "auto",
+    config: ModelConfig | None = None,
+    scales: tuple | None = None,
 ) -> jax.Array:
     """SwiGLU experts on rows sorted by expert: down_e(silu(gate_e(x)) * up_e(x)).
 
@@ -171,15 +181,23 @@ def expert_ffn(
         backend, so callers mask them, as :func:`expert_parallel_moe` does).
       w_gate, w_up: [e, d, f]; w_down: [e, f, d].
       impl: "ragged" (lax.ragged_dot), "blocked" (padded blocks; the CPU path) or "auto".
+      config: with ``fp8_training`` set, or with ``scales`` (the three weights' FP8
+        ``scale_inv``, ``fp8_weights``), the products run as FP8 GEMMs (``layers.product``) on
+        the blocked layout (one GEMM per block of rows; ragged_dot takes no block scales).
     Returns:
       [m, d] in ``dtype``.
     """
     m, e = x_sorted.shape[0], w_gate.shape[0]
-    if _resolve_impl(impl) == "blocked":
+    fp8 = config is not None and (config.fp8_training or scales is not None)
+    if fp8 or _resolve_impl(impl) == "blocked":
         layout = _BlockLayout(group_sizes, m, e)
         xb = layout.pad(x_sorted)  # [n, B, d]
-        h = jax.nn.silu(layout.matmul(xb, w_gate, dtype)) * layout.matmul(xb, w_up, dtype)
-        return layout.unpad(layout.matmul(h, w_down, dtype))  # [m, d]
+        cfg = config if fp8 else None
+        s_gate, s_up, s_down = scales if scales is not None else (None, None, None)
+        h = jax.nn.silu(layout.matmul(xb, w_gate, dtype, cfg, s_gate)) * layout.matmul(
+            xb, w_up, dtype, cfg, s_up
+        )
+        return layout.unpad(layout.matmul(h, w_down, dtype, cfg, s_down))  # [m, d]
 
     def gmm(a, w):
         return jax.lax.ragged_dot(
@@ -356,11 +374,11 @@ def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.cumsum(x, axis=axis) - x
 
 
-def _local_experts(rows, local_ids, e_local, w_gate, w_up, w_down, dtype, impl):
+def _local_experts(rows, local_ids, e_local, w_gate, w_up, w_down, dtype, impl, config=None):
     """Runs received rows through this device's experts; local id e_local marks padding."""
     order = jnp.argsort(local_ids, stable=True)  # padding (id e_local) last
     sizes = jnp.bincount(local_ids, length=e_local).astype(jnp.int32)  # padding not counted
-    y = expert_ffn(rows[order], sizes, w_gate, w_up, w_down, dtype, impl)
+    y = expert_ffn(rows[order], sizes, w_gate, w_up, w_down, dtype, impl, config)
     y = jnp.zeros_like(y).at[order].set(y)  # back to the received order
     return jnp.where((local_ids < e_local)[:, None], y, 0)
 
@@ -431,7 +449,9 @@ def expert_parallel_moe(
         if ragged:
             back, dropped = _ragged_exchange(
                 rows, sorted_e % e_local, counts, start, t, e_local, ep_name,
-                lambda r, ids: _local_experts(r, ids, e_local, w_gate, w_up, w_down, dtype, impl),
+                lambda r, ids: _local_experts(
+                    r, ids, e_local, w_gate, w_up, w_down, dtype, impl, config
+                ),
             )  # fmt: skip
         else:
             cap = ep_capacity(t, k, ep, e_local, config.moe_capacity_factor)
@@ -448,7 +468,7 @@ def expert_parallel_moe(
             recv_ids = jax.lax.all_to_all(ids.reshape(ep, cap), ep_name, 0, 0, tiled=True)
             y = _local_experts(
                 recv.reshape(ep * cap, d), recv_ids.reshape(-1), e_local,
-                w_gate, w_up, w_down, dtype, impl,
+                w_gate, w_up, w_down, dtype, impl, config,
             )  # fmt: skip
             y = jax.lax.all_to_all(y.reshape(ep, cap, d), ep_name, 0, 0, tiled=True)
             back = jnp.take(y.reshape(ep * cap, d), slot, axis=0, mode="fill", fill_value=0)
@@ -545,9 +565,15 @@ class MoE(nnx.Module):
         self.config = config
         e, d, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.gate = Router(config, rngs=rngs)
-        self.gate_proj = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), config)
-        self.up_proj = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), config)
-        self.down_proj = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), config)
+        self.gate_proj, self.gate_proj_scale_inv = kernel_params(
+            rngs, (e, d, f), ("experts", "embed", "expert_mlp"), config
+        )
+        self.up_proj, self.up_proj_scale_inv = kernel_params(
+            rngs, (e, d, f), ("experts", "embed", "expert_mlp"), config
+        )
+        self.down_proj, self.down_proj_scale_inv = kernel_params(
+            rngs, (e, f, d), ("experts", "expert_mlp", "embed"), config
+        )
         if config.n_shared_experts:
             self.shared_experts = MLP(
                 config, config.n_shared_experts * f, rngs=rngs, width="shared_mlp"
@@ -579,6 +605,18 @@ class MoE(nnx.Module):
                 scores.reshape(-1, e), self.gate.e_score_correction_bias[...], cfg
             )  # [b*s, k]
         plan = expert_parallel_plan(cfg, jax.sharding.get_abstract_mesh(), b)
+        scales = None
+        if cfg.fp8_weights:
+            scales = tuple(
+                v[...] for v in (
+                    self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv
+                )
+            )  # fmt: skip
+        if plan is not None and scales is not None:
+            raise NotImplementedError(
+                "FP8 weights (fp8_weights) with the expert-parallel all-to-all dispatch: set "
+                "moe_dispatch='gspmd' or load without fp8"
+            )
         if plan is not None:
             with jax.named_scope("expert_parallel"):
                 routed, dropped = expert_parallel_moe(
@@ -597,6 +635,8 @@ class MoE(nnx.Module):
                     self.down_proj[...],
                     dtype_of(cfg.dtype),
                     cfg.moe_impl,
+                    cfg,
+                    scales,
                 )  # [m, d]
             with jax.named_scope("combine"):
                 routed = combine(y, weights, sent, b * s).reshape(b, s, d)
