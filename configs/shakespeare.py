@@ -44,6 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
             # (dsv3_jax.moe); "gspmd" = one global sort. Capacity None = dropless.
             moe_dispatch="auto",
             moe_capacity_factor=ml_collections.config_dict.placeholder(float),
+            # FP8 training (report 3.3; dsv3_jax.fp8): every linear but the embedding, head and
+            # router as block-scaled e4m3 GEMMs (Fprop, Dgrad, Wgrad), AdamW moments in bf16.
+            fp8_training=False,
+            fp8_kernel="reference",  # or "pallas" (interpret mode on CPU: slow)
         )
     )
     # Fine-tune from a checkpoint (convert.py hf_to_orbax output, a training run, an HF folder);

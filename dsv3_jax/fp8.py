@@ -78,10 +78,19 @@ def quantize(
     amax = jnp.max(jnp.abs(blocks), axis=(-3, -1))  # [..., gr, gc]
     scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0).astype(jnp.float32)
     if power_of_two:
-        scale = jnp.exp2(jnp.ceil(jnp.log2(scale)))
+        scale = _round_up_pow2(scale)
     q = jnp.clip(blocks / scale[..., :, None, :, None], -E4M3_MAX, E4M3_MAX).astype(DTYPE)
     q = q.reshape(*lead, gr * br, gc * bc)[..., :r, :c]
     return q, scale
+
+
+def _round_up_pow2(scale: jax.Array) -> jax.Array:
+    """Positive normal float32 -> the smallest power of two >= it, exactly (bit arithmetic:
+    jnp.exp2 is an approximation on some backends)."""
+    bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
+    exponent = bits & jnp.uint32(0x7F800000)
+    up = jnp.where(bits & jnp.uint32(0x007FFFFF), exponent + jnp.uint32(0x00800000), exponent)
+    return jax.lax.bitcast_convert_type(up, jnp.float32)
 
 
 def dequantize(values: jax.Array, scale_inv: jax.Array, block, dtype=jnp.float32) -> jax.Array:

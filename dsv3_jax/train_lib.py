@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,13 +67,61 @@ def decay_mask(params: nnx.State, decay_embeddings: bool = False) -> Any:
 
 
 def make_optimizer(
-    schedule, *, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip=1.0, mask=None
-) -> optax.GradientTransformation:
-    """Gradient clipping at ``clip`` (global norm) then AdamW (V3 section 4.2)."""
-    return optax.chain(
-        optax.clip_by_global_norm(clip),
-        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
-    )
+    schedule, *, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip=1.0, mask=None,
+    moment_dtype=None,
+) -> optax.GradientTransformation:  # fmt: skip
+    """Gradient clipping at ``clip`` (global norm) then AdamW (V3 section 4.2).
+
+    ``moment_dtype`` (e.g. "bfloat16", as FP8 training keeps them: report 3.3.3) stores both
+    AdamW moments in that dtype (:func:`scale_by_adam_stored`); None: optax's adamw, moments in
+    the parameters' dtype.
+    """
+    if moment_dtype is None:
+        adam = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+    else:
+        adam = optax.chain(
+            scale_by_adam_stored(b1, b2, eps, moment_dtype),
+            optax.add_decayed_weights(weight_decay, mask),
+            optax.scale_by_learning_rate(schedule),
+        )
+    return optax.chain(optax.clip_by_global_norm(clip), adam)
+
+
+class AdamStoredState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_adam_stored(b1, b2, eps, moment_dtype) -> optax.GradientTransformation:
+    """optax.scale_by_adam with mu and nu stored in ``moment_dtype``: each step updates them in
+    float32 from the stored values, uses the float32 values for the step and stores them rounded
+    (report 3.3.3: BF16 AdamW moments, FP32 master weights)."""
+    moment_dtype = jnp.dtype(moment_dtype)
+
+    def init(params):
+        def zeros():  # two distinct trees: a train step donates both
+            return jax.tree.map(lambda p: jnp.zeros(p.shape, moment_dtype), params)
+
+        return AdamStoredState(jnp.zeros((), jnp.int32), zeros(), zeros())
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_int32_increment(state.count)
+        f32 = jnp.float32
+        mu = jax.tree.map(lambda m, g: b1 * m.astype(f32) + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(
+            lambda v, g: b2 * v.astype(f32) + (1 - b2) * jnp.square(g), state.nu, updates
+        )
+        c1 = 1 - b1 ** count.astype(f32)
+        c2 = 1 - b2 ** count.astype(f32)
+        out = jax.tree.map(
+            lambda m, v, g: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype), mu, nu, updates
+        )
+        store = functools.partial(jax.tree.map, lambda x: x.astype(moment_dtype))
+        return out, AdamStoredState(count, store(mu), store(nu))
+
+    return optax.GradientTransformation(init, update)
 
 
 # ----------------------------------------------------------------------------- losses

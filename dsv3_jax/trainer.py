@@ -264,6 +264,11 @@ def check_run_config(cfg, workdir: str) -> None:
     # A read-only token cache is fine if it is complete (nothing to write).
     cache_ok = data.token_cache_is_current
     _check_folder(d.cache_dir, "config.data.cache_dir", may_be_read_only=cache_ok)
+    if cfg.model.get("fp8_weights"):
+        raise RunConfigError(
+            "config.model.fp8_weights holds frozen FP8 weights for inference; to train in FP8 set "
+            "config.model.fp8_training=True (FP8 GEMMs over float32 master weights)"
+        )
     if cfg.get("init_from"):
         if not os.path.exists(cfg.init_from):
             raise RunConfigError(f"config.init_from {cfg.init_from} does not exist")
@@ -355,6 +360,7 @@ def train(cfg, workdir: str) -> dict:
             weight_decay=t.weight_decay,
             clip=t.clip,
             mask=train_lib.decay_mask(params, t.decay_embeddings),
+            moment_dtype="bfloat16" if mcfg.fp8_training else None,
         )
         opt_state = train_lib.init_opt_state(tx, params, model.config.sharding_rules)
         weights = train_lib.LossWeights(t.mtp_lambda, t.balance_alpha, t.bias_gamma)

@@ -31,7 +31,13 @@ SWITCHES = {
     "mla_decode": "naive",
     "attention_kernel": "pallas",
     "sharding_rules": (("batch", ("data",)), ("experts", ("expert",))),  # as check_rules writes it
+    "fp8_training": True,
+    "fp8_kernel": "pallas",
 }
+# Switched on top of another setting (the FP8 GEMM's kernel acts only when FP8 GEMMs run).
+ON_TOP = {"fp8_kernel": {"fp8_training": True}}
+# Fields that change how weights are stored: with_implementation refuses them (load instead).
+STRUCTURAL = {"fp8_weights": True}
 
 
 def _eqns(jaxpr):
@@ -86,12 +92,22 @@ def baseline():
 
 
 def test_every_field_is_switched():
-    assert set(SWITCHES) == set(IMPLEMENTATION_FIELDS)
+    assert set(SWITCHES) | set(STRUCTURAL) == set(IMPLEMENTATION_FIELDS)
+
+
+@pytest.mark.parametrize("field", sorted(STRUCTURAL))
+def test_structural_fields_are_refused(field):
+    model = load_hf_checkpoint(GOLDEN, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=field):
+        with_implementation(model, **{field: STRUCTURAL[field]})
 
 
 @pytest.mark.parametrize("field", sorted(SWITCHES))
 def test_switch_changes_every_layer(field, baseline):
     model = load_hf_checkpoint(GOLDEN, dtype=jnp.float32)
+    if field in ON_TOP:
+        with_implementation(model, **ON_TOP[field])
+        baseline = {k: str(v) for k, v in _programs(model).items()}
     with_implementation(model, **{field: SWITCHES[field]})
     assert getattr(model.config, field) == SWITCHES[field]
     switched = {k: str(v) for k, v in _programs(model).items()}

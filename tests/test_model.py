@@ -7,7 +7,7 @@ from test_config import TINY
 from test_moe import np_route
 
 from dsv3_jax import DeepseekV3, ModelConfig
-from dsv3_jax.layers import linear
+from dsv3_jax.layers import product
 from dsv3_jax.model import _run_stack
 
 
@@ -92,12 +92,17 @@ def test_layers_declare_logical_axes(model):
         assert len(var.get_metadata()["out_sharding"]) == var.ndim, path
 
 
-def test_linear_is_the_projection_helper():
-    x = jnp.ones((2, 3, 4))
+def test_product_is_the_projection_helper():
+    cfg = ModelConfig(**TINY)
     w = jnp.arange(20.0).reshape(4, 5)
-    np.testing.assert_allclose(
-        np.asarray(linear(x, w, jnp.float32)), np.asarray(jnp.einsum("bsi,io->bso", x, w))
-    )
+    for rows in (1, 2, 3):  # 2 rows: XLA:CPU's two 1-row products
+        x = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, 3, 4)), jnp.float32)
+        np.testing.assert_allclose(
+            np.asarray(product(x, w, cfg)), np.einsum("bsi,io->bso", x, w), rtol=1e-6
+        )
+    ws = jnp.stack([w, 2 * w])  # a stack of kernels: one product per leading index
+    x = jnp.ones((2, 3, 4))
+    np.testing.assert_allclose(np.asarray(product(x, ws, cfg)), np.einsum("gsi,gio->gso", x, ws))
 
 
 def test_remat_gives_same_gradients():

@@ -113,10 +113,9 @@ def gemm_reference(
         * _b_scale_rows(b_scale_inv.astype(jnp.float32), b_block, n).T[:, None, :]
     )  # [kb, M, N]
 
-    def promote(acc, pk):
-        return acc + pk[0] * pk[1], None
-
-    out, _ = lax.scan(promote, jnp.zeros((m, n), jnp.float32), (partial, scale))
+    out = partial[0] * scale[0]
+    for k in range(1, kb):  # promotion in chunk order (unrolled: kb = ceil(K / 128) is static)
+        out = out + partial[k] * scale[k]
     return out.astype(out_dtype)
 
 
