@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.kernels import flash_attention as fa
+from dsv3_jax.kernels import fp8_gemm
 from dsv3_jax.kernels import mla_decode as md
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -225,7 +226,7 @@ def test_flash_attention_impl_switch_and_errors():
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")  # jax 0.12 notice
-@pytest.mark.parametrize("which", ["decode", "flash_grad"])
+@pytest.mark.parametrize("which", ["decode", "flash_grad", "fp8_gemm"])
 def test_lowers_to_triton_at_v3_shapes(monkeypatch, which):
     """Lowers the kernels for CUDA (Pallas' Triton backend) at DeepSeek-V3 shapes with the default
     tiles, posing as an H200: catches unsupported ops and non-power-of-two tiles on a CPU-only
@@ -242,10 +243,14 @@ def test_lowers_to_triton_at_v3_shapes(monkeypatch, which):
         args = (sds((b, s, h, c), BF16), sds((b, s, h, r), BF16), sds((b, t, c), BF16))
         args += (sds((b, t, r), BF16), sds((b, s), jnp.int32))
         fn = lambda *a: md.latent_attention(*a, scale=0.135, interpret=False)
+    elif which == "fp8_gemm":  # V3's 4096 x 7168 x 2048: e4m3 operands, 56 scale chunks along K
+        f8, (m, k, n) = jnp.float8_e4m3fn, (4096, 7168, 2048)
+        args = (sds((m, k), f8), sds((m, 56), F32), sds((n, k), f8), sds((16, 56), F32))
+        fn = lambda *a: fp8_gemm.gemm_pallas(*a, interpret=False)
     else:  # forward + both backward kernels, s not a multiple of the blocks, dk 192 != dv 128
         s, h = 1000, 4
         args = (sds((1, s, h, 192), BF16), sds((1, s, h, 192), BF16), sds((1, s, h, 128), BF16))
         loss = lambda *a: jnp.sum(fa.flash_attention(*a, scale=0.135, interpret=False))
         fn = jax.grad(lambda *a: loss(*a).astype(F32), argnums=(0, 1, 2))
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("triton") >= (1 if which == "decode" else 3)
+    assert text.count("triton") >= (3 if which == "flash_grad" else 1)
