@@ -23,7 +23,6 @@ conversions left are removed by the next conversion to the same output (see ``_O
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.config import dtype_name as config_dtype_name
 from dsv3_jax.hf_io import (
@@ -53,11 +53,9 @@ from dsv3_jax.hf_io import (
     dequantize,
     layer_groups,
     open_hf_checkpoint,
-    quantize,
     read_json,
     scale_box,
     stack_pieces,
-    to_float32,
 )
 from dsv3_jax.model import DeepseekV3, abstract_model, with_rules
 
@@ -432,20 +430,16 @@ def _write_groups(ckptr, ck, groups, tmp, keep_fp8, total, n_tensors, progress) 
     bar.close()
 
 
-@functools.partial(jax.jit, static_argnames=("block", "dtype"))
-def _dequantize_jax(w, scale, block, dtype):
-    """FP8 weight [o, i] x scale [ceil(o/bo), ceil(i/bi)] -> dtype, as hf_io.dequantize (float32
-    product, then one rounding to ``dtype``)."""
-    o, i = w.shape
-    full = jnp.repeat(jnp.repeat(scale, block[0], axis=0)[:o], block[1], axis=1)[:, :i]
-    return (w.astype(jnp.float32) * full).astype(dtype)
+# fp8.dequantize in XLA (fused, multi-threaded): FP8 weight [o, i] x its scale -> dtype (float32
+# product, then one rounding to ``dtype``).
+_dequantize_jax = jax.jit(fp8.dequantize, static_argnames=("block", "dtype"))
 
 
 def _read_jax(files, name: str, dtype) -> jax.Array:
     """One tensor as a jax (CPU) array of ``dtype``, FP8 weights dequantized."""
     x = files.read_raw(name)
     if files.is_fp8(name):
-        return _dequantize_jax(x, files.read_scale(name), files.block, jnp.dtype(dtype))
+        return _dequantize_jax(x, files.read_scale(name), block=files.block, dtype=jnp.dtype(dtype))
     return jnp.asarray(x).astype(dtype)
 
 
@@ -906,6 +900,6 @@ def _to_fp8(tensors: dict[str, np.ndarray], block) -> dict[str, np.ndarray]:
         if name.endswith(SCALE_SUFFIX) or x.dtype == FP8_DTYPE or not _FP8_WEIGHT.search(name):
             out[name] = x
             continue
-        q, s = quantize(to_float32(x), block)
+        q, s = fp8.quantize_np(x, block)
         out[name], out[name + SCALE_SUFFIX] = q, s
     return out

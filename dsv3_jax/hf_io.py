@@ -12,7 +12,9 @@ checkpoint layout) or, if present, HF's fused ``mlp.experts.gate_up_proj`` [e, 2
 FP8 (official DeepSeek-V3 ``quantization_config``: quant_method fp8, fmt e4m3, weight_block_size
 [128, 128]): a float8_e4m3fn weight W [o, i] comes with a float32 ``<name>_scale_inv`` S of shape
 [ceil(o/128), ceil(i/128)] (ceil-div: partial edge blocks exist), in whatever shard the index names;
-the weight is W * S[r // 128, c // 128] (README_WEIGHTS.md of deepseek-ai/DeepSeek-V3).
+the weight is W * S[r // 128, c // 128] (README_WEIGHTS.md of deepseek-ai/DeepSeek-V3). The block
+maths (dequantisation, quantisation) is ``dsv3_jax.fp8``'s. FP8 tensors are read from the files'
+bytes (:func:`read_fp8`): safetensors' numpy reader looks F8_E4M3 up on numpy, which lacks it.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.config import dtype_name as config_dtype_name
+from dsv3_jax.fp8 import to_float32
 from dsv3_jax.model import DeepseekV3, abstract_model, with_rules
 
 log = logging.getLogger("dsv3_jax")
@@ -46,10 +49,8 @@ INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 SCALE_DTYPES = ("F32", "BF16")
 _MAY_BE_FP8 = re.compile(r"_proj(_with_mqa)?(\.weight)?$")  # q/kv/o, MLP, experts (fused), eh
-FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
-# safetensors (0.8) looks the F8_E4M3 dtype up on numpy, which only ml_dtypes defines.
-if not hasattr(np, "float8_e4m3fn"):
-    np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
+FP8_DTYPE = fp8.NP_DTYPE
+BF16_DTYPE = fp8.BF16_NP_DTYPE
 
 
 class CheckpointError(ValueError):
@@ -89,20 +90,6 @@ def quant_block_size(hf_config: dict) -> tuple[int, int] | None:
     return int(block[0]), int(block[1])
 
 
-_FP8_TO_F32 = np.arange(256, dtype=np.uint8).view(FP8_DTYPE).astype(np.float32)
-BF16_DTYPE = np.dtype(ml_dtypes.bfloat16)
-
-
-def to_float32(x: np.ndarray) -> np.ndarray:
-    """float8_e4m3fn / bfloat16 / any float -> float32, exactly (fast paths for the first two:
-    a 256-entry table and a 16-bit shift; ml_dtypes' own casts run element by element)."""
-    if x.dtype == FP8_DTYPE:
-        return _FP8_TO_F32[x.view(np.uint8)]
-    if x.dtype == BF16_DTYPE:
-        return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return x.astype(np.float32, copy=False)
-
-
 def cast(x: np.ndarray, dtype) -> np.ndarray:
     """``x.astype(dtype)`` with a fast float32 -> bfloat16 path (round to nearest even, NaN kept
     NaN), bit-identical to ml_dtypes' cast."""
@@ -126,38 +113,16 @@ def scale_grid(shape, block: tuple[int, int]) -> tuple[int, ...]:
 def dequantize(
     w: np.ndarray, scale: np.ndarray, block: tuple[int, int], offset: tuple[int, int] = (0, 0)
 ) -> np.ndarray:
-    """FP8 block dequantisation: out[..., r, c] = w[..., r, c] * scale[..., r // bo, c // bi].
+    """``fp8.dequantize_np`` (float32 [..., o, i] = w * scale of its block; ``offset``: a slice's
+    start in the whole weight) for checkpoint tensors.
 
-    Args:
-      w: float8_e4m3fn (or any float) [..., o, i]: the weight, or a slice of it.
-      scale: float32 [..., ceil(o/bo), ceil(i/bi)] for the whole weight; for a slice, the scale
-        blocks it touches (:func:`scale_box` of its box).
-      block: (bo, bi), 128 x 128 in the official checkpoint; edge blocks may be partial.
-      offset: (row, col) of ``w[..., 0, 0]`` in the whole weight (a slice's start).
-    Returns:
-      float32 [..., o, i], computed one block row at a time (memory: the output and one row).
     Raises:
       CheckpointError: the scale's shape is not the grid of blocks ``w`` covers.
     """
-    bo, bi = block
-    r0, c0 = offset
-    *lead, o, i = w.shape
-    grid = (*lead, -(-(r0 + o) // bo) - r0 // bo, -(-(c0 + i) // bi) - c0 // bi)
-    if tuple(scale.shape) != grid:
-        at = f" at offset {tuple(offset)}" if any(offset) else ""
-        raise CheckpointError(
-            f"FP8 scale shape {tuple(scale.shape)} does not fit weight shape {tuple(w.shape)}{at} "
-            f"in {bo}x{bi} blocks (expected {grid})"
-        )
-    out = to_float32(w)
-    if out is w:
-        out = w.copy()
-    cols = (c0 + np.arange(i)) // bi - c0 // bi  # [i]: each column's block
-    for r in range(scale.shape[-2]):
-        start = max((r0 // bo + r) * bo - r0, 0)
-        row = scale[..., r, :].astype(np.float32)[..., cols]  # [..., i]
-        out[..., start : (r0 // bo + r + 1) * bo - r0, :] *= row[..., None, :]
-    return out
+    try:
+        return fp8.dequantize_np(w, scale, block, offset)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def scale_box(box: tuple[tuple[int, int], ...], block: tuple[int, int]) -> tuple:
@@ -166,28 +131,6 @@ def scale_box(box: tuple[tuple[int, int], ...], block: tuple[int, int]) -> tuple
     *lead, (r0, r1), (c0, c1) = box
     bo, bi = block
     return (*lead, (r0 // bo, -(-r1 // bo)), (c0 // bi, -(-c1 // bi)))
-
-
-def quantize(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Block FP8 quantisation (V3 report 3.3.1): scale_inv = amax / 448 per block; clipped cast.
-
-    Args:
-      w: float [..., o, i]. block: (bo, bi).
-    Returns:
-      (float8_e4m3fn [..., o, i], float32 scale_inv [..., ceil(o/bo), ceil(i/bi)]) with
-      dequantize(q, s) close to w (relative error per element <= 2^-4).
-    """
-    bo, bi = block
-    *lead, o, i = w.shape
-    go, gi = -(-o // bo), -(-i // bi)
-    padded = np.zeros((*lead, go * bo, gi * bi), np.float32)
-    padded[..., :o, :i] = w
-    blocks = padded.reshape(*lead, go, bo, gi, bi)
-    amax = np.abs(blocks).max(axis=(-3, -1))  # [..., go, gi]
-    scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
-    q = np.clip(blocks / scale[..., :, None, :, None], -448.0, 448.0)
-    q = q.reshape(*lead, go * bo, gi * bi)[..., :o, :i].astype(FP8_DTYPE)
-    return q, scale
 
 
 # ----------------------------------------------------------------------------- safetensors files
@@ -238,6 +181,7 @@ class SafetensorsDir:
         self.shape_of: dict[str, tuple[int, ...]] = {}
         self.dtype_of: dict[str, str] = {}  # safetensors dtype names: F32, BF16, F8_E4M3, ...
         self.nbytes_of: dict[str, int] = {}
+        self.offset_of: dict[str, int] = {}  # first byte of each tensor's data in its file
         holders: dict[str, list[str]] = {}  # names the index does not list -> files holding them
         for fname in indexed + extra:
             full = os.path.join(self.path, fname)
@@ -259,9 +203,10 @@ class SafetensorsDir:
                 raise CheckpointError(
                     f"{full} is not a readable safetensors file (truncated or corrupt?): {err}"
                 ) from err
-            for name, (start, end) in _data_offsets(full).items():
+            for name, (start, end) in data_offsets(full).items():
                 if self.file_of.get(name) == fname:
                     self.nbytes_of[name] = end - start
+                    self.offset_of[name] = start
             if shadowed:
                 log.warning(
                     "%s holds %d tensor(s) that %s assigns to other files (e.g. %s); the index "
@@ -373,6 +318,8 @@ class SafetensorsDir:
         # Opened per read: safe_open maps the whole file, and every page read through the map
         # counts in the process's RSS until the map closes (whole shards, several per layer).
         fname = self.file_of[name]
+        if self.dtype_of[name] == "F8_E4M3":
+            return self._fp8(name, None)
         try:
             with safe_open(os.path.join(self.path, fname), framework="numpy") as f:
                 return f.get_tensor(name)
@@ -385,6 +332,8 @@ class SafetensorsDir:
     def _raw_box(self, name: str, box: tuple[tuple[int, int], ...]) -> np.ndarray:
         # Only the box's bytes are read (safetensors slices the mapped file).
         fname = self.file_of[name]
+        if self.dtype_of[name] == "F8_E4M3":
+            return self._fp8(name, box)
         try:
             with safe_open(os.path.join(self.path, fname), framework="numpy") as f:
                 return f.get_slice(name)[tuple(slice(a, b) for a, b in box)]
@@ -392,6 +341,16 @@ class SafetensorsDir:
             raise CheckpointError(
                 f"cannot read {name}{list(box)} from {os.path.join(self.path, fname)} "
                 f"(truncated or corrupt?): {err}"
+            ) from err
+
+    def _fp8(self, name: str, box: tuple[tuple[int, int], ...] | None) -> np.ndarray:
+        path = os.path.join(self.path, self.file_of[name])
+        try:
+            return read_fp8(path, self.offset_of[name], self.shape_of[name], box)
+        except (OSError, ValueError) as err:
+            where = "" if box is None else str(list(box))
+            raise CheckpointError(
+                f"cannot read {name}{where} from {path} (truncated or corrupt?): {err}"
             ) from err
 
     def read_box(self, name: str, box: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -438,8 +397,27 @@ class SafetensorsDir:
         """Nothing stays open between reads (kept for callers that close)."""
 
 
-def _data_offsets(path: str) -> dict[str, tuple[int, int]]:
-    """Byte ranges of each tensor from the safetensors header; checks the file holds them all.
+def read_fp8(
+    path: str, offset: int, shape: tuple[int, ...], box: tuple[tuple[int, int], ...] | None = None
+) -> np.ndarray:
+    """A float8_e4m3fn tensor (or its ``box``, (start, stop) per dim) read from a safetensors
+    file's bytes: ``offset`` is its first byte (:class:`SafetensorsDir`'s ``offset_of``).
+
+    Maps the file for the read only and copies out the box (only the pages it touches are read).
+    safetensors' own numpy reader is not used: it looks the F8_E4M3 dtype up on numpy, which does
+    not define it (ml_dtypes does), and this module leaves numpy as it is.
+    """
+    shape = tuple(int(n) for n in shape)
+    box = tuple((0, n) for n in shape) if box is None else tuple(box)
+    if int(np.prod(shape)) == 0 or any(b <= a for a, b in box):
+        return np.zeros(tuple(max(b - a, 0) for a, b in box), FP8_DTYPE)
+    mapped = np.memmap(path, np.uint8, "r", offset=offset, shape=shape)  # unmapped once dropped
+    return np.array(mapped[tuple(slice(a, b) for a, b in box)]).view(FP8_DTYPE)
+
+
+def data_offsets(path: str) -> dict[str, tuple[int, int]]:
+    """Absolute byte ranges of each tensor in the file (from the safetensors header: 8 bytes of
+    header length, the header, then the data); checks the file holds them all.
 
     Raises:
       CheckpointError: the file is shorter than its header says (truncated).
@@ -448,8 +426,12 @@ def _data_offsets(path: str) -> dict[str, tuple[int, int]]:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
     size = os.path.getsize(path)
-    out = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
-    end = 8 + n + max((e for _, e in out.values()), default=0)
+    out = {
+        k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
+    end = max((e for _, e in out.values()), default=8 + n)
     if size < end:
         raise CheckpointError(
             f"{path} is truncated: {size} bytes, its header describes {end} bytes of tensors"

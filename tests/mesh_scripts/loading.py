@@ -85,7 +85,8 @@ def golden_logits_error(model, golden: pathlib.Path) -> float:
 
 
 class ReadLog:
-    """Stands in for ``safe_open`` in dsv3_jax.hf_io and records every tensor read.
+    """Stands in for ``safe_open`` in dsv3_jax.hf_io and records every tensor read (FP8 tensors,
+    which hf_io reads from the files' bytes, through :meth:`fp8`).
 
     ``slices``: (tensor name, box ((start, stop) per dim), elements) per ``get_slice(name)[...]``;
     ``whole``: names read with ``get_tensor``.
@@ -133,21 +134,32 @@ class ReadLog:
 
         return File()
 
+    def fp8(self, files, name, box):
+        out = hf_io_fp8(files, name, box)
+        if box is None:
+            self.whole.append(name)
+        else:
+            self.slices.append((name, tuple(box), int(out.size)))
+        return out
+
     def boxes(self, name: str) -> list[tuple]:
         return sorted(box for n, box, _ in self.slices if n == name)
 
 
 hf_io_safe_open = hf_io.safe_open
+hf_io_fp8 = hf_io.SafetensorsDir._fp8
 
 
 @contextlib.contextmanager
 def reads_logged():
     log = ReadLog()
     hf_io.safe_open = log
+    hf_io.SafetensorsDir._fp8 = lambda files, name, box: log.fp8(files, name, box)
     try:
         yield log
     finally:
         hf_io.safe_open = hf_io_safe_open
+        hf_io.SafetensorsDir._fp8 = hf_io_fp8
 
 
 def device_boxes(x: jax.Array) -> list[tuple]:
