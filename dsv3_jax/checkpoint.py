@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dsv3_jax import converted
 from dsv3_jax.config import ModelConfig, dtype_name
 from dsv3_jax.model import DeepseekV3, abstract_model, with_rules
 
@@ -177,12 +178,10 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     A training workdir holds a config.json too, so callers telling checkpoints from HF folders ask
     this first.
     """
-    from dsv3_jax import convert_hf  # noqa: PLC0415
-
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         return False
-    if convert_hf.is_converted(path) or os.path.isdir(os.path.join(path, "checkpoints")):
+    if converted.is_converted(path) or os.path.isdir(os.path.join(path, "checkpoints")):
         return True
     if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "model")):
         return True
@@ -227,15 +226,13 @@ def load_checkpoint(
     """
     if step is not None and (not isinstance(step, (int, np.integer)) or isinstance(step, bool)):
         raise ValueError(f"step must be an int or None, got {step!r}")
-    from dsv3_jax import convert_hf  # noqa: PLC0415 (convert_hf imports this module lazily too)
-
     config_overrides = with_rules(config_overrides, rules)
-    if convert_hf.is_converted(path):
+    if converted.is_converted(path):
         if step not in (None, 0):
             raise ValueError(
                 f"{path} is a converted HF checkpoint (step 0), step={step} was asked for"
             )
-        return convert_hf.load_converted(path, dtype, mesh=mesh, **config_overrides)
+        return converted.load_converted(path, dtype, mesh=mesh, **config_overrides)
     if dtype is not None:
         name = dtype_name(dtype)
         config_overrides = {"dtype": name, "param_dtype": name, **config_overrides}
