@@ -26,18 +26,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.config import dtype_name as config_dtype_name
 from dsv3_jax.hf_io import (
     SCALE_SUFFIX,
     CheckpointError,
     cast,
+    contiguous,
     dequantize,
     layer_groups,
+    quantize_stack,
     read_json,
     scale_box,
     stack_pieces,
 )
+from dsv3_jax.layers import fp8_scale_paths
 from dsv3_jax.model import DeepseekV3, abstract_model, with_rules
 
 FORMAT = "dsv3_jax-converted-hf/1"
@@ -51,6 +55,10 @@ def is_converted(path: str | os.PathLike) -> bool:
         return False
     content = read_json(meta)
     return isinstance(content, dict) and content.get("format") == FORMAT
+
+
+def read_meta(path: str) -> dict:
+    return read_json(os.path.join(path, META))
 
 
 def nest(flat: dict[tuple, np.ndarray]) -> dict:
@@ -75,13 +83,17 @@ def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, np.ndarray]:
 
 def model_path(prefix: tuple, rel: tuple) -> tuple:
     """A group entry's path in the model state (stacked layers drop the layer index)."""
-    if prefix and prefix[0] in ("dense_layers", "moe_layers"):
+    if _stacked(prefix):
         return (prefix[0], *rel)
     return (*prefix, *rel)
 
 
-def read_meta(path: str) -> dict:
-    return read_json(os.path.join(path, META))
+def _stacked(prefix: tuple) -> bool:
+    return bool(prefix) and prefix[0] in ("dense_layers", "moe_layers")
+
+
+def _scale_rel(rel: tuple) -> tuple:
+    return (*rel[:-1], rel[-1] + SCALE_SUFFIX)
 
 
 def restore_group(ckptr, path: str, shardings: dict | None = None) -> dict[tuple, np.ndarray]:
@@ -100,14 +112,39 @@ def restore_group(ckptr, path: str, shardings: dict | None = None) -> dict[tuple
 
 
 def dequantize_ours(flat: dict[tuple, np.ndarray], block) -> dict[tuple, np.ndarray]:
-    """Kernels kept in FP8 (ours: [.., in, out], scale [.., ceil(in/bi), ceil(out/bo)]) -> float32."""
+    """Kernels kept in FP8 (ours: [.., in, out], scale [.., ceil(in/bi), ceil(out/bo)] for HF's
+    block (bo, bi)) -> float32 (``fp8.dequantize_np``); scales dropped, the rest unchanged."""
     out = {}
     for rel, x in flat.items():
         if rel[-1].endswith(SCALE_SUFFIX):
             continue
-        scale = flat.get((*rel[:-1], rel[-1] + SCALE_SUFFIX))
-        out[rel] = x if scale is None else dequantize(x, scale, (block[1], block[0]))
+        scale = flat.get(_scale_rel(rel))
+        out[rel] = (
+            x if scale is None else dequantize(np.asarray(x), np.asarray(scale), _ours(block))
+        )
     return out
+
+
+def _ours(block) -> tuple[int, int] | None:
+    """HF's weight block (bo, bi) as the block of our transposed kernels (bi, bo)."""
+    return None if block is None else (int(block[1]), int(block[0]))
+
+
+def _mode(key: tuple, stored_scale: bool, scale_of: dict, block) -> str:
+    """How a stored kernel becomes the model's: "plain" (as stored, cast), "dequant" (FP8 kept by
+    --keep_fp8 -> float), "keep" (FP8 bytes and scales as stored: the FP8 model, 128 x 128
+    blocks) or "quantize" (float, or FP8 in other blocks, -> the FP8 model's 128 x 128 blocks)."""
+    if key in scale_of:
+        return "keep" if stored_scale and _ours(block) == fp8.WEIGHT_BLOCK else "quantize"
+    return "dequant" if stored_scale else "plain"
+
+
+def _to_fp8(x, scale, block) -> tuple[np.ndarray, np.ndarray]:
+    """A stored kernel (and its stored scale, or None) quantized in 128 x 128 blocks."""
+    x = np.asarray(x)
+    if scale is not None:
+        x = dequantize(x, np.asarray(scale), _ours(block))
+    return quantize_stack(x)
 
 
 def load_converted(
@@ -115,6 +152,7 @@ def load_converted(
     dtype=None,
     mesh: jax.sharding.Mesh | None = None,
     rules=None,
+    fp8: bool = False,
     **config_overrides,
 ) -> tuple[DeepseekV3, dict]:
     """Loads an ``hf_to_orbax`` folder into the model (see ``dsv3_jax.load_checkpoint``).
@@ -131,6 +169,13 @@ def load_converted(
       rules: a sharding rules table (see ``sharding.DEFAULT_RULES``), kept as
         ``model.config.sharding_rules``; default: the ``sharding_rules`` override, else the
         default.
+      fp8: the FP8 model (``fp8_weights=True``): kernels kept in FP8 by ``--keep_fp8`` keep their
+        bytes and scales (no float copy); kernels stored in float (a folder converted without
+        --keep_fp8, MTP's eh_proj) or in other blocks than 128 x 128 are quantized on load
+        (``fp8.quantize_np``, one [in, out] matrix at a time). With a mesh, FP8 kernels and
+        their scales are restored into their shardings; a kernel to quantize is restored with
+        its last two dims whole on each device (a block's scale needs its rows and columns),
+        quantized once per leading range (layers, experts) and cut into the shards.
       config_overrides: ModelConfig implementation fields.
 
     Returns:
@@ -145,6 +190,8 @@ def load_converted(
     meta = read_meta(path)
     dtype_name = config_dtype_name(dtype or meta["dtype"])
     fields = {**meta["model_config"], "dtype": dtype_name, "param_dtype": dtype_name}
+    if fp8:
+        config_overrides = {**config_overrides, "fp8_weights": True}
     config = ModelConfig.from_dict({**fields, **with_rules(config_overrides, rules)})
     graphdef, abstract_state = abstract_model(config, meta["mtp"], mesh)
     flat = dict(nnx.to_flat_state(abstract_state))
@@ -175,82 +222,147 @@ def load_converted(
     return nnx.merge(graphdef, state), dict(meta, step=meta.get("step", 0))
 
 
+def _model_group(group: dict, prefix: tuple, flat: dict, block) -> dict[tuple, np.ndarray]:
+    """One restored group as {path in group: host array} of what the model holds (kernels of
+    the FP8 model with their ``*_scale_inv``; the float model's FP8 kernels dequantized)."""
+    scale_of = fp8_scale_paths(flat)
+    out = {}
+    for rel, x in group.items():
+        if rel[-1].endswith(SCALE_SUFFIX):
+            continue
+        scale = group.get(_scale_rel(rel))
+        mode = _mode(model_path(prefix, rel), scale is not None, scale_of, block)
+        if mode == "keep":
+            out[rel], out[_scale_rel(rel)] = np.asarray(x), np.asarray(scale)
+        elif mode == "quantize":
+            out[rel], out[_scale_rel(rel)] = _to_fp8(x, scale, block)
+        elif mode == "dequant":
+            out[rel] = dequantize(np.asarray(x), np.asarray(scale), _ours(block))
+        else:
+            out[rel] = x
+    return out
+
+
 def _restore_whole(ckptr, path: str, groups: dict, flat: dict, block) -> dict[tuple, np.ndarray]:
     """Every parameter as one host array (stacks filled layer by layer)."""
     values: dict[tuple, np.ndarray] = {}
     for name, prefix in groups.items():
-        group = dequantize_ours(restore_group(ckptr, os.path.join(path, "model", name)), block)
-        for rel, x in group.items():
+        group = restore_group(ckptr, os.path.join(path, "model", name))
+        for rel, x in _model_group(group, prefix, flat, block).items():
             key = model_path(prefix, rel)
             if _stacked(prefix):
                 if key not in values:  # [l, ...] filled layer by layer
                     values[key] = np.empty(flat[key].shape, flat[key].dtype)
-                values[key][prefix[1]] = x
+                if values[key].dtype == fp8.NP_DTYPE:  # numpy copies ml_dtypes slowly: as bytes
+                    values[key].view(np.uint8)[prefix[1]] = np.asarray(x).view(np.uint8)
+                else:
+                    values[key][prefix[1]] = x
             else:
                 values[key] = np.asarray(x, flat[key].dtype)
     return values
-
-
-def _stacked(prefix: tuple) -> bool:
-    return bool(prefix) and prefix[0] in ("dense_layers", "moe_layers")
 
 
 def _restore_sharded(ckptr, path, groups: dict, flat: dict, block, mesh) -> dict[tuple, jax.Array]:
     """Every parameter as a jax.Array with its abstract state's sharding on ``mesh``.
 
     Each group is restored into shardings (a stacked parameter's per-layer slice: its spec
-    without the layer axis); a parameter is assembled once its last layer is in.
+    without the layer axis; see :func:`load_converted` for FP8); a parameter is assembled once
+    its last layer is in.
     """
+    scale_of = fp8_scale_paths(flat)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    ours = None if block is None else (block[1], block[0])  # our kernels are HF's transposed
-    parts: dict[tuple, dict] = {}  # model path -> {layer index (None: unstacked): (array, scale)}
+    parts: dict[tuple, dict] = {}  # model path -> {layer index (None: unstacked): piece}
     values: dict[tuple, jax.Array] = {}
     for name, prefix in groups.items():
         gpath = os.path.join(path, "model", name)
         stored = flatten(ckptr.metadata(gpath).item_metadata.tree)
-        shardings = {}
+        stacked = _stacked(prefix)
+
+        def sharding(key, whole_blocks=False, stacked=stacked):
+            spec = tuple(flat[key].get_value().sharding.spec)
+            spec = spec[1:] if stacked else spec
+            if whole_blocks:  # the last two dims whole: the quantized blocks need them
+                ndim = len(flat[key].shape) - stacked
+                spec = (*spec, *[None] * (ndim - len(spec)))[:-2] + (None, None)
+            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+        modes, shardings = {}, {}
         for rel in stored:
             if rel[-1].endswith(SCALE_SUFFIX):
-                shardings[rel] = replicated
                 continue
-            spec = flat[model_path(prefix, rel)].get_value().sharding.spec
-            spec = jax.sharding.PartitionSpec(*spec[1:]) if _stacked(prefix) else spec
-            shardings[rel] = jax.sharding.NamedSharding(mesh, spec)
+            key, srel = model_path(prefix, rel), _scale_rel(rel)
+            modes[rel] = mode = _mode(key, srel in stored, scale_of, block)
+            shardings[rel] = sharding(key, whole_blocks=mode == "quantize")
+            if srel in stored:
+                shardings[srel] = sharding(scale_of[key]) if mode == "keep" else replicated
         group = restore_group(ckptr, gpath, shardings)
-        for rel, x in group.items():
-            if rel[-1].endswith(SCALE_SUFFIX):
-                continue
+        layer = prefix[1] if stacked else None
+        for rel, mode in modes.items():
             key = model_path(prefix, rel)
-            scale = group.get((*rel[:-1], rel[-1] + SCALE_SUFFIX))
-            layer = prefix[1] if _stacked(prefix) else None
-            parts.setdefault(key, {})[layer] = (x, scale)
-            n = flat[key].shape[0] if layer is not None else 1
-            if len(parts[key]) == n:
-                values[key] = _assemble(parts.pop(key), flat[key].get_value(), ours)
+            pieces = _pieces(mode, group[rel], group.get(_scale_rel(rel)), block)
+            for k, piece in zip((key, scale_of.get(key)), pieces, strict=False):
+                parts.setdefault(k, {})[layer] = piece
+                if len(parts[k]) == (flat[k].shape[0] if stacked else 1):
+                    values[k] = _assemble(parts.pop(k), flat[k].get_value())
     return values
 
 
-def _assemble(parts: dict, target: jax.ShapeDtypeStruct, block) -> jax.Array:
-    """A parameter from its restored pieces: {None: (array, scale)} or {layer: (array, scale)}
-    stacked on axis 0; FP8 pieces (with a scale) dequantized shard by shard."""
-    if list(parts) == [None] and parts[None][1] is None:
-        x = parts[None][0]
-        return x if x.dtype == target.dtype else x.astype(target.dtype)
+def _pieces(mode: str, x: jax.Array, scale: jax.Array | None, block) -> tuple:
+    """(kernel piece,) or (kernel piece, scale piece) of one restored layer: the restored array
+    itself (its shards are the model's), or a function of a box ((start, stop) per dim of the
+    layer's part of the parameter) giving that box on the host."""
+    if mode in ("plain", "keep"):
+        return (x,) if mode == "plain" else (x, scale)
+    if mode == "dequant":
+        ours = _ours(block)
 
-    def piece(layer, box) -> np.ndarray:  # the layer's shard ``box`` on the host
-        x, scale = parts[layer]
-        data = next(
-            np.asarray(s.data) for s in x.addressable_shards if _box(s.index, x.shape) == box
-        )
-        if scale is not None:
-            scale = np.asarray(scale)[tuple(slice(a, b) for a, b in scale_box(box, block))]
-            data = dequantize(data, scale, block, offset=(box[-2][0], box[-1][0]))
-        return cast(data, target.dtype)
+        def dequantized(box):
+            s = np.asarray(scale)[tuple(slice(a, b) for a, b in scale_box(box, ours))]
+            return dequantize(_shard_of(x, box), s, ours, offset=(box[-2][0], box[-1][0]))
+
+        return (dequantized,)
+    slabs: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def slab(lead: tuple) -> tuple[np.ndarray, np.ndarray]:  # quantized once per leading range
+        if lead not in slabs:
+            data = next(
+                np.asarray(s.data)
+                for s in x.addressable_shards
+                if _box(s.index, x.shape)[:-2] == lead
+            )
+            s = None if scale is None else np.asarray(scale)[tuple(slice(a, b) for a, b in lead)]
+            slabs[lead] = _to_fp8(data, s, block)
+        return slabs[lead]
+
+    def cut(i):
+        return lambda box: slab(box[:-2])[i][(..., *(slice(a, b) for a, b in box[-2:]))]
+
+    return cut(0), cut(1)
+
+
+def _shard_of(x: jax.Array, box) -> np.ndarray:
+    """The shard of ``x`` at ``box`` on the host."""
+    return next(np.asarray(s.data) for s in x.addressable_shards if _box(s.index, x.shape) == box)
+
+
+def _assemble(parts: dict, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """A parameter from its pieces (:func:`_pieces`): {None: piece} or {layer: piece} stacked on
+    axis 0, cast to the target's dtype shard by shard."""
+    if list(parts) == [None] and isinstance(parts[None], jax.Array):  # restored in its sharding
+        x = parts[None]
+        return x if x.dtype == target.dtype else x.astype(target.dtype)
+    read = {
+        layer: (lambda box, x=p: _shard_of(x, box)) if isinstance(p, jax.Array) else p
+        for layer, p in parts.items()
+    }
+
+    def piece(layer, box) -> np.ndarray:
+        return cast(np.asarray(read[layer](box)), target.dtype)
 
     def shard(index) -> np.ndarray:
         box = _box(index, target.shape)
-        if list(parts) == [None]:
-            return np.ascontiguousarray(piece(None, box))
+        if list(read) == [None]:
+            return contiguous(piece(None, box))
         (a, b), rest = box[0], box[1:]
         return stack_pieces(b - a, lambda j: piece(a + j, rest))
 

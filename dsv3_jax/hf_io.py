@@ -37,6 +37,7 @@ from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.config import dtype_name as config_dtype_name
 from dsv3_jax.fp8 import to_float32
+from dsv3_jax.layers import fp8_scale_paths
 from dsv3_jax.model import DeepseekV3, abstract_model, with_rules
 
 log = logging.getLogger("dsv3_jax")
@@ -528,10 +529,15 @@ class Lazy(abc.ABC):
 
 
 class _Leaf(Lazy):
-    def __init__(self, files: SafetensorsDir, name: str):
+    """A tensor of the files; ``raw``: as stored (FP8 stays float8), else FP8 dequantized."""
+
+    def __init__(self, files: SafetensorsDir, name: str, raw: bool = False):
         self.files, self.name, self.shape = files, name, tuple(files.shape_of[name])
+        self.raw = raw
 
     def read(self, box: Box) -> np.ndarray:
+        if self.raw:
+            return self.files._raw_box(self.name, box)
         return self.files.read_box(self.name, box)
 
 
@@ -598,10 +604,101 @@ def read_sharded(lazy: Lazy, shape, dtype, sharding: jax.sharding.Sharding) -> j
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         box = tuple(k.indices(n)[:2] for k, n in zip(index, shape, strict=True))
         if box not in shards:
-            shards[box] = np.ascontiguousarray(cast(lazy.read(box), dtype))
+            shards[box] = contiguous(cast(lazy.read(box), dtype))
         return shards[box]
 
     return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def contiguous(x: np.ndarray) -> np.ndarray:
+    """``np.ascontiguousarray`` copying ml_dtypes arrays as unsigned ints (numpy copies those
+    types element by element)."""
+    return np.ascontiguousarray(_as_bits(x)).view(x.dtype)
+
+
+# ----------------------------------------------------------------------------- FP8 weights
+def keeps_fp8(files: SafetensorsDir, hf: list[str]) -> bool:
+    """Whether a model kernel read from HF tensors ``hf`` can take their FP8 bytes and scales as
+    they are: every tensor FP8 in 128 x 128 blocks (the FP8 GEMM's), and a reader that only
+    transposes and stacks them (every table entry but HF's fused ``gate_up_proj``, whose gate/up
+    split need not fall on a block edge)."""
+    return (
+        files.block == fp8.WEIGHT_BLOCK
+        and all(files.is_fp8(n) for n in hf)
+        and not any(n.endswith("gate_up_proj") for n in hf)
+    )
+
+
+def quantize_stack(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``fp8.quantize_np`` of [..., r, c] in 128 x 128 blocks, one [r, c] matrix at a time
+    (memory: the float32 work of one matrix)."""
+    x = np.asarray(x)
+    if x.ndim == 2:
+        return fp8.quantize_np(x, fp8.WEIGHT_BLOCK)
+    q = np.empty(x.shape, FP8_DTYPE)
+    scale = np.empty(fp8.scale_shape(x.shape, fp8.WEIGHT_BLOCK), np.float32)
+    bits = _as_bits(q)
+    for i in np.ndindex(x.shape[:-2]):
+        qi, scale[i] = fp8.quantize_np(x[i], fp8.WEIGHT_BLOCK)
+        bits[i] = _as_bits(qi)
+    return q, scale
+
+
+def read_fp8_kernel(
+    files: SafetensorsDir, reader: Reader, hf: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """An FP8 model kernel [..., in, out] and its scale_inv [..., ceil(in/128), ceil(out/128)].
+
+    FP8 tensors (:func:`keeps_fp8`) keep their bytes: the reader transposes and stacks them as
+    bytes, and their [ceil(o/128), ceil(i/128)] scale grids the same way (the grid of a transpose
+    is the transposed grid). Anything else (bf16/float32 tensors, other blocks, fused gate_up) is
+    read in float (FP8 dequantized) and quantized with ``fp8.quantize_np``, one matrix at a time.
+    """
+    if keeps_fp8(files, hf):
+        values = reader(lambda n: files.read_raw(n).view(np.uint8))
+        scale = reader(lambda n: to_float32(files.read_scale(n)))
+        return contiguous(np.asarray(values)).view(FP8_DTYPE), contiguous(np.asarray(scale))
+    return quantize_stack(reader(files.read))
+
+
+def read_fp8_kernel_sharded(
+    files: SafetensorsDir, reader: Reader, hf: list[str], target, scale_target
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`read_fp8_kernel` shard by shard: jax.Arrays with the shardings of ``target`` and
+    ``scale_target`` (ShapeDtypeStructs).
+
+    Bytes kept: every shard read as a slice of the FP8 tensors and of their scale grids
+    (:func:`read_sharded`). Quantized: each distinct range of the leading dims (layers, experts)
+    of this process's shards is read whole over the last two dims (a scale covers its block's
+    rows and columns), quantized once and cut into the shards; memory: those ranges' FP8 values.
+    """
+    if keeps_fp8(files, hf):
+        values = reader(lambda n: _Leaf(files, n, raw=True))
+        scale = reader(lambda n: _Cast(_Leaf(files, n + SCALE_SUFFIX), np.dtype(np.float32)))
+        return (
+            read_sharded(values, target.shape, FP8_DTYPE, target.sharding),
+            read_sharded(scale, scale_target.shape, np.float32, scale_target.sharding),
+        )
+    lazy = reader(lambda n: _Leaf(files, n))
+    *_, r, c = lazy.shape
+    slabs: dict[Box, tuple[np.ndarray, np.ndarray]] = {}
+
+    def slab(index, shape) -> tuple[np.ndarray, np.ndarray]:
+        lead = tuple(k.indices(n)[:2] for k, n in zip(index[:-2], shape[:-2], strict=True))
+        if lead not in slabs:
+            slabs[lead] = quantize_stack(lazy.read((*lead, (0, r), (0, c))))
+        return slabs[lead]
+
+    def values_shard(index):
+        return contiguous(slab(index, target.shape)[0][(..., *index[-2:])])
+
+    def scale_shard(index):
+        return np.ascontiguousarray(slab(index, scale_target.shape)[1][(..., *index[-2:])])
+
+    return (
+        jax.make_array_from_callback(target.shape, target.sharding, values_shard),
+        jax.make_array_from_callback(scale_target.shape, scale_target.sharding, scale_shard),
+    )
 
 
 # ----------------------------------------------------------------------------- conversion table
@@ -810,7 +907,8 @@ def open_hf_checkpoint(
       drop_mtp: ignore MTP layers (num_hidden_layers + k) in the files.
       mesh: with a mesh, the abstract state (``flat``) carries each parameter's NamedSharding
         (the config's ``sharding_rules``, default ``sharding.DEFAULT_RULES``).
-      config_overrides: ModelConfig implementation fields.
+      config_overrides: ModelConfig implementation fields (``fp8_weights=True``: the FP8 model,
+        whose ``*_scale_inv`` parameters come with their kernels, see :func:`read_fp8_kernel`).
 
     Raises:
       FileNotFoundError: no directory, no config.json, no safetensors, a shard named by the index
@@ -870,7 +968,8 @@ def open_hf_checkpoint(
         scales = {s for s in scales if not s.startswith(mtp_prefixes)}
     missing = sorted(wanted - names)
     unexpected = sorted(names - wanted - ignored)
-    unmapped = sorted(".".join(map(str, p)) for p in flat if p not in table)
+    scales = set(fp8_scale_paths(flat).values())  # FP8 model: read with their kernels
+    unmapped = sorted(".".join(map(str, p)) for p in flat if p not in table and p not in scales)
     problems = []
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {missing}")
@@ -894,6 +993,7 @@ def load_hf_checkpoint(
     dtype=jnp.float32,
     mesh: jax.sharding.Mesh | None = None,
     rules=None,
+    fp8: bool = False,
     **config_overrides,
 ) -> DeepseekV3:
     """Loads an HF DeepSeek-V3 directory (config.json + safetensors) into the model.
@@ -914,6 +1014,15 @@ def load_hf_checkpoint(
       rules: a sharding rules table (``(logical name, mesh axes)`` pairs, see
         ``sharding.DEFAULT_RULES``), kept as ``model.config.sharding_rules`` so the activation
         constraints follow it too. Default: the ``sharding_rules`` override, else the default.
+      fp8: FP8 inference: the model is built with ``fp8_weights=True`` (every projection of
+        attention, dense MLP, shared and routed experts and MTP's eh_proj a float8_e4m3fn kernel
+        [in, out] with a float32 ``*_scale_inv`` [ceil(in/128), ceil(out/128)], run as an FP8
+        GEMM; embedding, head, router and norms in ``dtype``) and the official FP8 weights stay
+        FP8: their bytes are transposed (and stacked) as bytes and their scale grids transposed,
+        never dequantized (no float copy of an FP8 weight, on the host or a device). A weight
+        stored in float where the model wants FP8 (a bf16 checkpoint; the official eh_proj,
+        which is bf16) or in other blocks than 128 x 128 is quantized on load
+        (``fp8.quantize_np``: 128 x 128 blocks, scale = amax / 448). Works with ``mesh``.
       config_overrides: ModelConfig implementation fields (e.g. ``remat=True``).
 
     Returns:
@@ -925,21 +1034,29 @@ def load_hf_checkpoint(
       CheckpointError: see :func:`open_hf_checkpoint`.
       ValueError: a bad rules table, or ``rules`` and a different ``sharding_rules`` override.
     """
+    if fp8:
+        config_overrides = {**config_overrides, "fp8_weights": True}
     ck = open_hf_checkpoint(path, dtype, mesh=mesh, **with_rules(config_overrides, rules))
-    flat = ck.flat
+    flat, files = ck.flat, ck.files
+    scale_of = fp8_scale_paths(flat)  # FP8 model: kernel path -> its scale's
     # The router and correction bias are float32 in the model whatever ``dtype`` is.
-    if mesh is None:
-        values = {
-            p: jnp.asarray(reader(ck.files.read), flat[p].dtype)
-            for p, (reader, _) in ck.table().items()
-        }
-    else:
-        leaf = lambda name: _Leaf(ck.files, name)  # noqa: E731
-        values = {}
-        for p, (reader, _) in ck.table().items():
-            target = flat[p].get_value()  # ShapeDtypeStruct with its NamedSharding
+    leaf = lambda name: _Leaf(files, name)  # noqa: E731
+    values = {}
+    for p, (reader, hf) in ck.table().items():
+        target = flat[p].get_value()  # ShapeDtypeStruct (with its NamedSharding on a mesh)
+        if p in scale_of:
+            s = scale_of[p]
+            if mesh is None:
+                values[p], values[s] = map(jnp.asarray, read_fp8_kernel(files, reader, hf))
+            else:
+                values[p], values[s] = read_fp8_kernel_sharded(
+                    files, reader, hf, target, flat[s].get_value()
+                )
+        elif mesh is None:
+            values[p] = jnp.asarray(reader(files.read), target.dtype)
+        else:
             values[p] = read_sharded(reader(leaf), target.shape, target.dtype, target.sharding)
-    ck.files.close()
+    files.close()
     state = nnx.from_flat_state([(p, flat[p].replace(values[p])) for p in flat])
     return nnx.merge(ck.graphdef, state)
 

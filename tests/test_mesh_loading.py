@@ -27,6 +27,7 @@ CHECKS = [
     "custom_rules",
     "training_checkpoint_across_meshes",
     "converted_across_meshes",
+    "fp8_model_on_meshes",
 ]
 
 
