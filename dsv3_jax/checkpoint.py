@@ -19,7 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dsv3_jax import converted, fp8
 from dsv3_jax.config import ModelConfig, dtype_name
+from dsv3_jax.layers import fp8_scale_paths
 from dsv3_jax.model import DeepseekV3, abstract_model, with_rules
 
 
@@ -177,12 +179,10 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     A training workdir holds a config.json too, so callers telling checkpoints from HF folders ask
     this first.
     """
-    from dsv3_jax import convert_hf  # noqa: PLC0415
-
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         return False
-    if convert_hf.is_converted(path) or os.path.isdir(os.path.join(path, "checkpoints")):
+    if converted.is_converted(path) or os.path.isdir(os.path.join(path, "checkpoints")):
         return True
     if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "model")):
         return True
@@ -195,6 +195,7 @@ def load_checkpoint(
     dtype=None,
     mesh: jax.sharding.Mesh | None = None,
     rules: Any = None,
+    fp8: bool = False,
     **config_overrides,
 ) -> tuple[DeepseekV3, dict]:
     """Loads a model from a training checkpoint or a ``convert.py hf_to_orbax`` folder.
@@ -205,7 +206,8 @@ def load_checkpoint(
       step: the step to load (default: the latest, or the step folder's; a converted folder is
         step 0).
       dtype: parameter and computation dtype (e.g. ``jnp.float32``; default: as saved). The router
-        and the correction bias stay float32; FP8 weights kept by ``--keep_fp8`` are dequantized.
+        and the correction bias stay float32; FP8 weights kept by ``--keep_fp8`` are dequantized
+        (unless ``fp8``).
       mesh: None: every array on the default device. A mesh (``sharding.make_mesh``, of any
         shape: not necessarily the one the checkpoint was saved from): orbax restores each
         parameter and correction bias straight into the NamedSharding the rules give it, each
@@ -213,6 +215,15 @@ def load_checkpoint(
       rules: a sharding rules table (see ``sharding.DEFAULT_RULES``), kept as
         ``model.config.sharding_rules``. Default: the ``sharding_rules`` override, else the
         table saved in the checkpoint's config, else the default.
+      fp8: FP8 inference: the model is built with ``fp8_weights=True`` (every projection a
+        float8_e4m3fn kernel with float32 ``*_scale_inv`` in 128 x 128 blocks, run as an FP8
+        GEMM; embedding, head, router and norms in ``dtype``). FP8 kernels of a ``--keep_fp8``
+        folder keep their bytes and scales (never a float copy of them). Kernels stored in float
+        (a training checkpoint, a folder converted without ``--keep_fp8``, MTP's eh_proj) are
+        quantized on load: ``fp8.quantize_np`` (converted folders, on the host, one matrix at a
+        time) or ``fp8.quantize`` (training checkpoints: restored in float, then quantized
+        parameter by parameter on their devices), scale = amax / 448 per block. Works with
+        ``mesh`` (see ``converted.load_converted``).
       config_overrides: ModelConfig implementation fields (e.g. ``remat=True``).
 
     Returns:
@@ -227,15 +238,13 @@ def load_checkpoint(
     """
     if step is not None and (not isinstance(step, (int, np.integer)) or isinstance(step, bool)):
         raise ValueError(f"step must be an int or None, got {step!r}")
-    from dsv3_jax import convert_hf  # noqa: PLC0415 (convert_hf imports this module lazily too)
-
     config_overrides = with_rules(config_overrides, rules)
-    if convert_hf.is_converted(path):
+    if converted.is_converted(path):
         if step not in (None, 0):
             raise ValueError(
                 f"{path} is a converted HF checkpoint (step 0), step={step} was asked for"
             )
-        return convert_hf.load_converted(path, dtype, mesh=mesh, **config_overrides)
+        return converted.load_converted(path, dtype, mesh=mesh, fp8=fp8, **config_overrides)
     if dtype is not None:
         name = dtype_name(dtype)
         config_overrides = {"dtype": name, "param_dtype": name, **config_overrides}
@@ -275,19 +284,45 @@ def load_checkpoint(
     try:
         meta = restore_meta(manager, step)
         config = ModelConfig.from_dict({**meta["model_config"], **config_overrides})
+        if fp8:
+            config = config.replace(fp8_weights=True)
         # Targets: ShapeDtypeStructs with their shardings; orbax casts to the dtype. Without a
         # mesh, one device: orbax would otherwise restore onto the mesh the arrays were saved on.
-        graphdef, target = abstract_model(config, meta.get("mtp", True), mesh)
+        # A training checkpoint holds float weights: the FP8 model's are quantized from them.
+        mtp = meta.get("mtp", True)
+        graphdef, target = abstract_model(config.replace(fp8_weights=False), mtp, mesh)
         if mesh is None:
             one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), target
             )
-        restored = _restore(manager, step, model=ocp.args.StandardRestore(target))
+        restored = _restore(manager, step, model=ocp.args.StandardRestore(target))["model"]
     finally:
         manager.close()
     meta = dict(meta, step=step)
-    return nnx.merge(graphdef, restored["model"]), meta
+    if config.fp8_weights:
+        return _quantized(restored, config, mtp, mesh), meta
+    return nnx.merge(graphdef, restored), meta
+
+
+def _quantized(state: nnx.State, config: ModelConfig, mtp: bool, mesh) -> DeepseekV3:
+    """The FP8 model (``config.fp8_weights``) from a float model state: each kernel quantized
+    by ``fp8.quantize`` in 128 x 128 blocks on its devices, into the FP8 model's shardings (the
+    float kernel is dropped once quantized)."""
+    graphdef, abstract = abstract_model(config, mtp, mesh)
+    flat = dict(nnx.to_flat_state(abstract))
+    floats = {p: v.get_value() for p, v in nnx.to_flat_state(state)}
+    del state
+    values = {}
+    for p, s in fp8_scale_paths(flat).items():
+        targets = (flat[p].get_value(), flat[s].get_value())
+        out = None if mesh is None else tuple(t.sharding for t in targets)
+        quantize = jax.jit(fp8.quantize, static_argnums=1, out_shardings=out)
+        values[p], values[s] = quantize(floats.pop(p), fp8.WEIGHT_BLOCK)
+    values.update(floats)
+    return nnx.merge(
+        graphdef, nnx.from_flat_state([(p, v.replace(values[p])) for p, v in flat.items()])
+    )
 
 
 def meta_for(config: ModelConfig, vocab_ids: Any, mtp: bool, extra: dict | None = None) -> dict:

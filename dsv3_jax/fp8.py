@@ -180,18 +180,84 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 # ----------------------------------------------------------------------------- numpy (host)
-def quantize_np(w: np.ndarray, block=WEIGHT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`quantize` on the host in numpy (conversion writes checkpoints without a device).
+# Loaders and conversion work on the host in numpy (nothing of a checkpoint needs a device).
+_FP8_TO_F32 = np.arange(256, dtype=np.uint8).view(NP_DTYPE).astype(np.float32)
+BF16_NP_DTYPE = np.dtype(ml_dtypes.bfloat16)
 
-    Returns (ml_dtypes float8_e4m3fn [..., r, c], float32 scale_inv grid); same arithmetic.
+
+def to_float32(x: np.ndarray) -> np.ndarray:
+    """float8_e4m3fn / bfloat16 / any float numpy array -> float32, exactly (fast paths for the
+    first two: a 256-entry table and a 16-bit shift; ml_dtypes' own casts run element by element).
+    """
+    x = np.asarray(x)
+    if x.dtype == NP_DTYPE:
+        return _FP8_TO_F32[x.view(np.uint8)]
+    if x.dtype == BF16_NP_DTYPE:
+        return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32, copy=False)
+
+
+def quantize_np(w: np.ndarray, block=WEIGHT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`quantize` on the host in numpy (conversion and loaders, without a device).
+
+    Args:
+      w: any float (bfloat16 and float8 included) [..., r, c]. block: (br, bc).
+    Returns:
+      (ml_dtypes float8_e4m3fn [..., r, c], float32 scale_inv [..., ceil(r/br), ceil(c/bc)]);
+      :func:`quantize`'s arithmetic (scale_inv = amax / 448, 1.0 for an all-zero block; clipped
+      cast), so :func:`dequantize_np` of the result is within 2^-4 relative of ``w`` per element
+      (plus e4m3's subnormal step, 2^-9 x scale_inv).
+    Raises:
+      ValueError: w has fewer than 2 dims or block is not two positive ints.
     """
     br, bc = _check_block(w.shape, block)
     *lead, r, c = w.shape
     gr, gc = -(-r // br), -(-c // bc)
     padded = np.zeros((*lead, gr * br, gc * bc), np.float32)
-    padded[..., :r, :c] = w
+    padded[..., :r, :c] = to_float32(w)
     blocks = padded.reshape(*lead, gr, br, gc, bc)
     amax = np.abs(blocks).max(axis=(-3, -1))
     scale = np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1)).astype(np.float32)
     q = np.clip(blocks / scale[..., :, None, :, None], -E4M3_MAX, E4M3_MAX)
     return q.reshape(*lead, gr * br, gc * bc)[..., :r, :c].astype(NP_DTYPE), scale
+
+
+def dequantize_np(
+    w: np.ndarray, scale: np.ndarray, block=WEIGHT_BLOCK, offset: tuple[int, int] = (0, 0)
+) -> np.ndarray:
+    """:func:`dequantize` on the host: out[..., r, c] = w[..., r, c] * scale[..., r // br, c // bc]
+    in float32, for a whole weight or a slice of one.
+
+    Args:
+      w: float8_e4m3fn (or any float) [..., r, c]: the weight, or a slice of it.
+      scale: float32 (bfloat16 accepted) [..., ceil(r/br), ceil(c/bc)] for the whole weight; for
+        a slice, the scale blocks it touches (``hf_io.scale_box`` of its box).
+      block: (br, bc): 128 x 128 in the official checkpoint (whatever layout: the HF [out, in]
+        weights and our [in, out] kernels alike); edge blocks may be partial.
+      offset: (row, col) of ``w[..., 0, 0]`` in the whole weight (a slice's start).
+    Returns:
+      float32 [..., r, c], computed one block row at a time (memory: the output and one row of
+      scales broadcast over its columns).
+    Raises:
+      ValueError: the scale's shape is not the grid of blocks ``w`` covers, or a bad block.
+    """
+    br, bc = _check_block(w.shape, block)
+    r0, c0 = (int(v) for v in offset)
+    *lead, r, c = w.shape
+    grid = (*lead, -(-(r0 + r) // br) - r0 // br, -(-(c0 + c) // bc) - c0 // bc)
+    if tuple(scale.shape) != grid:
+        at = f" at offset {(r0, c0)}" if r0 or c0 else ""
+        raise ValueError(
+            f"FP8 scale shape {tuple(scale.shape)} does not fit weight shape {tuple(w.shape)}{at} "
+            f"in {br}x{bc} blocks (expected {grid})"
+        )
+    w = np.asarray(w)
+    out = to_float32(w)
+    if not out.flags.writeable or np.may_share_memory(out, w):
+        out = out.copy()
+    cols = (c0 + np.arange(c)) // bc - c0 // bc  # [c]: each column's block
+    for k in range(scale.shape[-2]):
+        start = max((r0 // br + k) * br - r0, 0)
+        row = to_float32(scale[..., k, :])[..., cols]  # [..., c]
+        out[..., start : (r0 // br + k + 1) * br - r0, :] *= row[..., None, :]
+    return out

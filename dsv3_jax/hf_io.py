@@ -12,7 +12,9 @@ checkpoint layout) or, if present, HF's fused ``mlp.experts.gate_up_proj`` [e, 2
 FP8 (official DeepSeek-V3 ``quantization_config``: quant_method fp8, fmt e4m3, weight_block_size
 [128, 128]): a float8_e4m3fn weight W [o, i] comes with a float32 ``<name>_scale_inv`` S of shape
 [ceil(o/128), ceil(i/128)] (ceil-div: partial edge blocks exist), in whatever shard the index names;
-the weight is W * S[r // 128, c // 128] (README_WEIGHTS.md of deepseek-ai/DeepSeek-V3).
+the weight is W * S[r // 128, c // 128] (README_WEIGHTS.md of deepseek-ai/DeepSeek-V3). The block
+maths (dequantisation, quantisation) is ``dsv3_jax.fp8``'s. FP8 tensors are read from the files'
+bytes (:func:`read_fp8`): safetensors' numpy reader looks F8_E4M3 up on numpy, which lacks it.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.config import dtype_name as config_dtype_name
+from dsv3_jax.fp8 import to_float32
+from dsv3_jax.layers import fp8_scale_paths
 from dsv3_jax.model import DeepseekV3, abstract_model, with_rules
 
 log = logging.getLogger("dsv3_jax")
@@ -46,10 +50,8 @@ INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 SCALE_DTYPES = ("F32", "BF16")
 _MAY_BE_FP8 = re.compile(r"_proj(_with_mqa)?(\.weight)?$")  # q/kv/o, MLP, experts (fused), eh
-FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
-# safetensors (0.8) looks the F8_E4M3 dtype up on numpy, which only ml_dtypes defines.
-if not hasattr(np, "float8_e4m3fn"):
-    np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
+FP8_DTYPE = fp8.NP_DTYPE
+BF16_DTYPE = fp8.BF16_NP_DTYPE
 
 
 class CheckpointError(ValueError):
@@ -89,20 +91,6 @@ def quant_block_size(hf_config: dict) -> tuple[int, int] | None:
     return int(block[0]), int(block[1])
 
 
-_FP8_TO_F32 = np.arange(256, dtype=np.uint8).view(FP8_DTYPE).astype(np.float32)
-BF16_DTYPE = np.dtype(ml_dtypes.bfloat16)
-
-
-def to_float32(x: np.ndarray) -> np.ndarray:
-    """float8_e4m3fn / bfloat16 / any float -> float32, exactly (fast paths for the first two:
-    a 256-entry table and a 16-bit shift; ml_dtypes' own casts run element by element)."""
-    if x.dtype == FP8_DTYPE:
-        return _FP8_TO_F32[x.view(np.uint8)]
-    if x.dtype == BF16_DTYPE:
-        return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return x.astype(np.float32, copy=False)
-
-
 def cast(x: np.ndarray, dtype) -> np.ndarray:
     """``x.astype(dtype)`` with a fast float32 -> bfloat16 path (round to nearest even, NaN kept
     NaN), bit-identical to ml_dtypes' cast."""
@@ -126,38 +114,16 @@ def scale_grid(shape, block: tuple[int, int]) -> tuple[int, ...]:
 def dequantize(
     w: np.ndarray, scale: np.ndarray, block: tuple[int, int], offset: tuple[int, int] = (0, 0)
 ) -> np.ndarray:
-    """FP8 block dequantisation: out[..., r, c] = w[..., r, c] * scale[..., r // bo, c // bi].
+    """``fp8.dequantize_np`` (float32 [..., o, i] = w * scale of its block; ``offset``: a slice's
+    start in the whole weight) for checkpoint tensors.
 
-    Args:
-      w: float8_e4m3fn (or any float) [..., o, i]: the weight, or a slice of it.
-      scale: float32 [..., ceil(o/bo), ceil(i/bi)] for the whole weight; for a slice, the scale
-        blocks it touches (:func:`scale_box` of its box).
-      block: (bo, bi), 128 x 128 in the official checkpoint; edge blocks may be partial.
-      offset: (row, col) of ``w[..., 0, 0]`` in the whole weight (a slice's start).
-    Returns:
-      float32 [..., o, i], computed one block row at a time (memory: the output and one row).
     Raises:
       CheckpointError: the scale's shape is not the grid of blocks ``w`` covers.
     """
-    bo, bi = block
-    r0, c0 = offset
-    *lead, o, i = w.shape
-    grid = (*lead, -(-(r0 + o) // bo) - r0 // bo, -(-(c0 + i) // bi) - c0 // bi)
-    if tuple(scale.shape) != grid:
-        at = f" at offset {tuple(offset)}" if any(offset) else ""
-        raise CheckpointError(
-            f"FP8 scale shape {tuple(scale.shape)} does not fit weight shape {tuple(w.shape)}{at} "
-            f"in {bo}x{bi} blocks (expected {grid})"
-        )
-    out = to_float32(w)
-    if out is w:
-        out = w.copy()
-    cols = (c0 + np.arange(i)) // bi - c0 // bi  # [i]: each column's block
-    for r in range(scale.shape[-2]):
-        start = max((r0 // bo + r) * bo - r0, 0)
-        row = scale[..., r, :].astype(np.float32)[..., cols]  # [..., i]
-        out[..., start : (r0 // bo + r + 1) * bo - r0, :] *= row[..., None, :]
-    return out
+    try:
+        return fp8.dequantize_np(w, scale, block, offset)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def scale_box(box: tuple[tuple[int, int], ...], block: tuple[int, int]) -> tuple:
@@ -166,28 +132,6 @@ def scale_box(box: tuple[tuple[int, int], ...], block: tuple[int, int]) -> tuple
     *lead, (r0, r1), (c0, c1) = box
     bo, bi = block
     return (*lead, (r0 // bo, -(-r1 // bo)), (c0 // bi, -(-c1 // bi)))
-
-
-def quantize(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Block FP8 quantisation (V3 report 3.3.1): scale_inv = amax / 448 per block; clipped cast.
-
-    Args:
-      w: float [..., o, i]. block: (bo, bi).
-    Returns:
-      (float8_e4m3fn [..., o, i], float32 scale_inv [..., ceil(o/bo), ceil(i/bi)]) with
-      dequantize(q, s) close to w (relative error per element <= 2^-4).
-    """
-    bo, bi = block
-    *lead, o, i = w.shape
-    go, gi = -(-o // bo), -(-i // bi)
-    padded = np.zeros((*lead, go * bo, gi * bi), np.float32)
-    padded[..., :o, :i] = w
-    blocks = padded.reshape(*lead, go, bo, gi, bi)
-    amax = np.abs(blocks).max(axis=(-3, -1))  # [..., go, gi]
-    scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
-    q = np.clip(blocks / scale[..., :, None, :, None], -448.0, 448.0)
-    q = q.reshape(*lead, go * bo, gi * bi)[..., :o, :i].astype(FP8_DTYPE)
-    return q, scale
 
 
 # ----------------------------------------------------------------------------- safetensors files
@@ -238,6 +182,7 @@ class SafetensorsDir:
         self.shape_of: dict[str, tuple[int, ...]] = {}
         self.dtype_of: dict[str, str] = {}  # safetensors dtype names: F32, BF16, F8_E4M3, ...
         self.nbytes_of: dict[str, int] = {}
+        self.offset_of: dict[str, int] = {}  # first byte of each tensor's data in its file
         holders: dict[str, list[str]] = {}  # names the index does not list -> files holding them
         for fname in indexed + extra:
             full = os.path.join(self.path, fname)
@@ -259,9 +204,10 @@ class SafetensorsDir:
                 raise CheckpointError(
                     f"{full} is not a readable safetensors file (truncated or corrupt?): {err}"
                 ) from err
-            for name, (start, end) in _data_offsets(full).items():
+            for name, (start, end) in data_offsets(full).items():
                 if self.file_of.get(name) == fname:
                     self.nbytes_of[name] = end - start
+                    self.offset_of[name] = start
             if shadowed:
                 log.warning(
                     "%s holds %d tensor(s) that %s assigns to other files (e.g. %s); the index "
@@ -373,6 +319,8 @@ class SafetensorsDir:
         # Opened per read: safe_open maps the whole file, and every page read through the map
         # counts in the process's RSS until the map closes (whole shards, several per layer).
         fname = self.file_of[name]
+        if self.dtype_of[name] == "F8_E4M3":
+            return self._fp8(name, None)
         try:
             with safe_open(os.path.join(self.path, fname), framework="numpy") as f:
                 return f.get_tensor(name)
@@ -385,6 +333,8 @@ class SafetensorsDir:
     def _raw_box(self, name: str, box: tuple[tuple[int, int], ...]) -> np.ndarray:
         # Only the box's bytes are read (safetensors slices the mapped file).
         fname = self.file_of[name]
+        if self.dtype_of[name] == "F8_E4M3":
+            return self._fp8(name, box)
         try:
             with safe_open(os.path.join(self.path, fname), framework="numpy") as f:
                 return f.get_slice(name)[tuple(slice(a, b) for a, b in box)]
@@ -392,6 +342,16 @@ class SafetensorsDir:
             raise CheckpointError(
                 f"cannot read {name}{list(box)} from {os.path.join(self.path, fname)} "
                 f"(truncated or corrupt?): {err}"
+            ) from err
+
+    def _fp8(self, name: str, box: tuple[tuple[int, int], ...] | None) -> np.ndarray:
+        path = os.path.join(self.path, self.file_of[name])
+        try:
+            return read_fp8(path, self.offset_of[name], self.shape_of[name], box)
+        except (OSError, ValueError) as err:
+            where = "" if box is None else str(list(box))
+            raise CheckpointError(
+                f"cannot read {name}{where} from {path} (truncated or corrupt?): {err}"
             ) from err
 
     def read_box(self, name: str, box: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -438,8 +398,27 @@ class SafetensorsDir:
         """Nothing stays open between reads (kept for callers that close)."""
 
 
-def _data_offsets(path: str) -> dict[str, tuple[int, int]]:
-    """Byte ranges of each tensor from the safetensors header; checks the file holds them all.
+def read_fp8(
+    path: str, offset: int, shape: tuple[int, ...], box: tuple[tuple[int, int], ...] | None = None
+) -> np.ndarray:
+    """A float8_e4m3fn tensor (or its ``box``, (start, stop) per dim) read from a safetensors
+    file's bytes: ``offset`` is its first byte (:class:`SafetensorsDir`'s ``offset_of``).
+
+    Maps the file for the read only and copies out the box (only the pages it touches are read).
+    safetensors' own numpy reader is not used: it looks the F8_E4M3 dtype up on numpy, which does
+    not define it (ml_dtypes does), and this module leaves numpy as it is.
+    """
+    shape = tuple(int(n) for n in shape)
+    box = tuple((0, n) for n in shape) if box is None else tuple(box)
+    if int(np.prod(shape)) == 0 or any(b <= a for a, b in box):
+        return np.zeros(tuple(max(b - a, 0) for a, b in box), FP8_DTYPE)
+    mapped = np.memmap(path, np.uint8, "r", offset=offset, shape=shape)  # unmapped once dropped
+    return np.array(mapped[tuple(slice(a, b) for a, b in box)]).view(FP8_DTYPE)
+
+
+def data_offsets(path: str) -> dict[str, tuple[int, int]]:
+    """Absolute byte ranges of each tensor in the file (from the safetensors header: 8 bytes of
+    header length, the header, then the data); checks the file holds them all.
 
     Raises:
       CheckpointError: the file is shorter than its header says (truncated).
@@ -448,8 +427,12 @@ def _data_offsets(path: str) -> dict[str, tuple[int, int]]:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
     size = os.path.getsize(path)
-    out = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
-    end = 8 + n + max((e for _, e in out.values()), default=0)
+    out = {
+        k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
+    end = max((e for _, e in out.values()), default=8 + n)
     if size < end:
         raise CheckpointError(
             f"{path} is truncated: {size} bytes, its header describes {end} bytes of tensors"
@@ -546,10 +529,15 @@ class Lazy(abc.ABC):
 
 
 class _Leaf(Lazy):
-    def __init__(self, files: SafetensorsDir, name: str):
+    """A tensor of the files; ``raw``: as stored (FP8 stays float8), else FP8 dequantized."""
+
+    def __init__(self, files: SafetensorsDir, name: str, raw: bool = False):
         self.files, self.name, self.shape = files, name, tuple(files.shape_of[name])
+        self.raw = raw
 
     def read(self, box: Box) -> np.ndarray:
+        if self.raw:
+            return self.files._raw_box(self.name, box)
         return self.files.read_box(self.name, box)
 
 
@@ -616,10 +604,101 @@ def read_sharded(lazy: Lazy, shape, dtype, sharding: jax.sharding.Sharding) -> j
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         box = tuple(k.indices(n)[:2] for k, n in zip(index, shape, strict=True))
         if box not in shards:
-            shards[box] = np.ascontiguousarray(cast(lazy.read(box), dtype))
+            shards[box] = contiguous(cast(lazy.read(box), dtype))
         return shards[box]
 
     return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def contiguous(x: np.ndarray) -> np.ndarray:
+    """``np.ascontiguousarray`` copying ml_dtypes arrays as unsigned ints (numpy copies those
+    types element by element)."""
+    return np.ascontiguousarray(_as_bits(x)).view(x.dtype)
+
+
+# ----------------------------------------------------------------------------- FP8 weights
+def keeps_fp8(files: SafetensorsDir, hf: list[str]) -> bool:
+    """Whether a model kernel read from HF tensors ``hf`` can take their FP8 bytes and scales as
+    they are: every tensor FP8 in 128 x 128 blocks (the FP8 GEMM's), and a reader that only
+    transposes and stacks them (every table entry but HF's fused ``gate_up_proj``, whose gate/up
+    split need not fall on a block edge)."""
+    return (
+        files.block == fp8.WEIGHT_BLOCK
+        and all(files.is_fp8(n) for n in hf)
+        and not any(n.endswith("gate_up_proj") for n in hf)
+    )
+
+
+def quantize_stack(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``fp8.quantize_np`` of [..., r, c] in 128 x 128 blocks, one [r, c] matrix at a time
+    (memory: the float32 work of one matrix)."""
+    x = np.asarray(x)
+    if x.ndim == 2:
+        return fp8.quantize_np(x, fp8.WEIGHT_BLOCK)
+    q = np.empty(x.shape, FP8_DTYPE)
+    scale = np.empty(fp8.scale_shape(x.shape, fp8.WEIGHT_BLOCK), np.float32)
+    bits = _as_bits(q)
+    for i in np.ndindex(x.shape[:-2]):
+        qi, scale[i] = fp8.quantize_np(x[i], fp8.WEIGHT_BLOCK)
+        bits[i] = _as_bits(qi)
+    return q, scale
+
+
+def read_fp8_kernel(
+    files: SafetensorsDir, reader: Reader, hf: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """An FP8 model kernel [..., in, out] and its scale_inv [..., ceil(in/128), ceil(out/128)].
+
+    FP8 tensors (:func:`keeps_fp8`) keep their bytes: the reader transposes and stacks them as
+    bytes, and their [ceil(o/128), ceil(i/128)] scale grids the same way (the grid of a transpose
+    is the transposed grid). Anything else (bf16/float32 tensors, other blocks, fused gate_up) is
+    read in float (FP8 dequantized) and quantized with ``fp8.quantize_np``, one matrix at a time.
+    """
+    if keeps_fp8(files, hf):
+        values = reader(lambda n: files.read_raw(n).view(np.uint8))
+        scale = reader(lambda n: to_float32(files.read_scale(n)))
+        return contiguous(np.asarray(values)).view(FP8_DTYPE), contiguous(np.asarray(scale))
+    return quantize_stack(reader(files.read))
+
+
+def read_fp8_kernel_sharded(
+    files: SafetensorsDir, reader: Reader, hf: list[str], target, scale_target
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`read_fp8_kernel` shard by shard: jax.Arrays with the shardings of ``target`` and
+    ``scale_target`` (ShapeDtypeStructs).
+
+    Bytes kept: every shard read as a slice of the FP8 tensors and of their scale grids
+    (:func:`read_sharded`). Quantized: each distinct range of the leading dims (layers, experts)
+    of this process's shards is read whole over the last two dims (a scale covers its block's
+    rows and columns), quantized once and cut into the shards; memory: those ranges' FP8 values.
+    """
+    if keeps_fp8(files, hf):
+        values = reader(lambda n: _Leaf(files, n, raw=True))
+        scale = reader(lambda n: _Cast(_Leaf(files, n + SCALE_SUFFIX), np.dtype(np.float32)))
+        return (
+            read_sharded(values, target.shape, FP8_DTYPE, target.sharding),
+            read_sharded(scale, scale_target.shape, np.float32, scale_target.sharding),
+        )
+    lazy = reader(lambda n: _Leaf(files, n))
+    *_, r, c = lazy.shape
+    slabs: dict[Box, tuple[np.ndarray, np.ndarray]] = {}
+
+    def slab(index, shape) -> tuple[np.ndarray, np.ndarray]:
+        lead = tuple(k.indices(n)[:2] for k, n in zip(index[:-2], shape[:-2], strict=True))
+        if lead not in slabs:
+            slabs[lead] = quantize_stack(lazy.read((*lead, (0, r), (0, c))))
+        return slabs[lead]
+
+    def values_shard(index):
+        return contiguous(slab(index, target.shape)[0][(..., *index[-2:])])
+
+    def scale_shard(index):
+        return np.ascontiguousarray(slab(index, scale_target.shape)[1][(..., *index[-2:])])
+
+    return (
+        jax.make_array_from_callback(target.shape, target.sharding, values_shard),
+        jax.make_array_from_callback(scale_target.shape, scale_target.sharding, scale_shard),
+    )
 
 
 # ----------------------------------------------------------------------------- conversion table
@@ -828,7 +907,8 @@ def open_hf_checkpoint(
       drop_mtp: ignore MTP layers (num_hidden_layers + k) in the files.
       mesh: with a mesh, the abstract state (``flat``) carries each parameter's NamedSharding
         (the config's ``sharding_rules``, default ``sharding.DEFAULT_RULES``).
-      config_overrides: ModelConfig implementation fields.
+      config_overrides: ModelConfig implementation fields (``fp8_weights=True``: the FP8 model,
+        whose ``*_scale_inv`` parameters come with their kernels, see :func:`read_fp8_kernel`).
 
     Raises:
       FileNotFoundError: no directory, no config.json, no safetensors, a shard named by the index
@@ -888,7 +968,8 @@ def open_hf_checkpoint(
         scales = {s for s in scales if not s.startswith(mtp_prefixes)}
     missing = sorted(wanted - names)
     unexpected = sorted(names - wanted - ignored)
-    unmapped = sorted(".".join(map(str, p)) for p in flat if p not in table)
+    scales = set(fp8_scale_paths(flat).values())  # FP8 model: read with their kernels
+    unmapped = sorted(".".join(map(str, p)) for p in flat if p not in table and p not in scales)
     problems = []
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {missing}")
@@ -912,6 +993,7 @@ def load_hf_checkpoint(
     dtype=jnp.float32,
     mesh: jax.sharding.Mesh | None = None,
     rules=None,
+    fp8: bool = False,
     **config_overrides,
 ) -> DeepseekV3:
     """Loads an HF DeepSeek-V3 directory (config.json + safetensors) into the model.
@@ -932,6 +1014,15 @@ def load_hf_checkpoint(
       rules: a sharding rules table (``(logical name, mesh axes)`` pairs, see
         ``sharding.DEFAULT_RULES``), kept as ``model.config.sharding_rules`` so the activation
         constraints follow it too. Default: the ``sharding_rules`` override, else the default.
+      fp8: FP8 inference: the model is built with ``fp8_weights=True`` (every projection of
+        attention, dense MLP, shared and routed experts and MTP's eh_proj a float8_e4m3fn kernel
+        [in, out] with a float32 ``*_scale_inv`` [ceil(in/128), ceil(out/128)], run as an FP8
+        GEMM; embedding, head, router and norms in ``dtype``) and the official FP8 weights stay
+        FP8: their bytes are transposed (and stacked) as bytes and their scale grids transposed,
+        never dequantized (no float copy of an FP8 weight, on the host or a device). A weight
+        stored in float where the model wants FP8 (a bf16 checkpoint; the official eh_proj,
+        which is bf16) or in other blocks than 128 x 128 is quantized on load
+        (``fp8.quantize_np``: 128 x 128 blocks, scale = amax / 448). Works with ``mesh``.
       config_overrides: ModelConfig implementation fields (e.g. ``remat=True``).
 
     Returns:
@@ -943,21 +1034,29 @@ def load_hf_checkpoint(
       CheckpointError: see :func:`open_hf_checkpoint`.
       ValueError: a bad rules table, or ``rules`` and a different ``sharding_rules`` override.
     """
+    if fp8:
+        config_overrides = {**config_overrides, "fp8_weights": True}
     ck = open_hf_checkpoint(path, dtype, mesh=mesh, **with_rules(config_overrides, rules))
-    flat = ck.flat
+    flat, files = ck.flat, ck.files
+    scale_of = fp8_scale_paths(flat)  # FP8 model: kernel path -> its scale's
     # The router and correction bias are float32 in the model whatever ``dtype`` is.
-    if mesh is None:
-        values = {
-            p: jnp.asarray(reader(ck.files.read), flat[p].dtype)
-            for p, (reader, _) in ck.table().items()
-        }
-    else:
-        leaf = lambda name: _Leaf(ck.files, name)  # noqa: E731
-        values = {}
-        for p, (reader, _) in ck.table().items():
-            target = flat[p].get_value()  # ShapeDtypeStruct with its NamedSharding
+    leaf = lambda name: _Leaf(files, name)  # noqa: E731
+    values = {}
+    for p, (reader, hf) in ck.table().items():
+        target = flat[p].get_value()  # ShapeDtypeStruct (with its NamedSharding on a mesh)
+        if p in scale_of:
+            s = scale_of[p]
+            if mesh is None:
+                values[p], values[s] = map(jnp.asarray, read_fp8_kernel(files, reader, hf))
+            else:
+                values[p], values[s] = read_fp8_kernel_sharded(
+                    files, reader, hf, target, flat[s].get_value()
+                )
+        elif mesh is None:
+            values[p] = jnp.asarray(reader(files.read), target.dtype)
+        else:
             values[p] = read_sharded(reader(leaf), target.shape, target.dtype, target.sharding)
-    ck.files.close()
+    files.close()
     state = nnx.from_flat_state([(p, flat[p].replace(values[p])) for p in flat])
     return nnx.merge(ck.graphdef, state)
 

@@ -32,6 +32,20 @@ class ScaleInv(nnx.Param):
     [..., ceil(i/128), ceil(o/128)]); a Param so checkpoints carry it beside its kernel."""
 
 
+SCALE_SUFFIX = "_scale_inv"
+
+
+def fp8_scale_paths(flat) -> dict[tuple, tuple]:
+    """{float8 kernel path: its :class:`ScaleInv` path} of a flat model state (path -> Variable,
+    ``nnx.to_flat_state``): ``kernel`` -> ``kernel_scale_inv``, experts' ``gate_proj`` ->
+    ``gate_proj_scale_inv`` (empty unless ``fp8_weights``)."""
+    return {
+        (*p[:-1], p[-1][: -len(SCALE_SUFFIX)]): p
+        for p, v in dict(flat).items()
+        if isinstance(v, ScaleInv)
+    }
+
+
 def product(
     x: jax.Array,
     kernel: jax.Array,

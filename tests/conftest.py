@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -21,6 +22,49 @@ def tol(dtype: str) -> float:
 @pytest.fixture(params=GOLDEN_DIRS, ids=lambda p: p.name)
 def golden_dir(request) -> pathlib.Path:
     return request.param
+
+
+def load_safetensors(path) -> dict[str, np.ndarray]:
+    """``safetensors.numpy.load_file`` with FP8 (F8_E4M3) tensors too: those are read from the
+    file's bytes as dsv3_jax.hf_io reads them (safetensors' numpy reader looks F8_E4M3 up on
+    numpy, which does not define it)."""
+    from safetensors import safe_open
+
+    from dsv3_jax.hf_io import data_offsets, read_fp8
+
+    out = {}
+    with safe_open(str(path), framework="numpy") as f:
+        for name in f.keys():
+            sl = f.get_slice(name)
+            if sl.get_dtype() == "F8_E4M3":
+                out[name] = read_fp8(str(path), data_offsets(str(path))[name][0], sl.get_shape())
+            else:
+                out[name] = f.get_tensor(name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fp8_dir(tmp_path_factory) -> pathlib.Path:
+    """The official-layout FP8 checkpoint tests/goldens/fp8_checkpoint.py builds (the bytes
+    tests/goldens/fp8_official.npz was made from). Read-only: copy it to change it."""
+    if str(GOLDENS) not in sys.path:
+        sys.path.insert(0, str(GOLDENS))
+    import fp8_checkpoint
+
+    path = tmp_path_factory.mktemp("fp8") / "hf"
+    sha = fp8_checkpoint.build(path)
+    assert sha == str(np.load(GOLDENS / "fp8_official.npz")["files_sha256"]), "other bytes"
+    return path
+
+
+@pytest.fixture(scope="session")
+def fp8_converted(fp8_dir, tmp_path_factory) -> pathlib.Path:
+    """``fp8_dir`` converted to float32 (``hf_to_orbax``, FP8 dequantized)."""
+    from dsv3_jax import convert_hf
+
+    out = tmp_path_factory.mktemp("conv") / "f32"
+    convert_hf.hf_to_orbax(fp8_dir, out, dtype="float32", progress=False)
+    return out
 
 
 def run_script(args, env, **kw) -> subprocess.CompletedProcess:

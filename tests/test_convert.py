@@ -14,12 +14,13 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import GOLDENS, tol
-from safetensors.numpy import load_file, save_file
+from conftest import GOLDENS, load_safetensors, tol
+from safetensors.numpy import save_file
 
 import dsv3_jax
 from dsv3_jax import convert_hf
-from dsv3_jax.hf_io import CheckpointError, dequantize, quantize
+from dsv3_jax.fp8 import quantize_np
+from dsv3_jax.hf_io import CheckpointError, dequantize
 
 sys.path.insert(0, str(GOLDENS))
 import fp8_checkpoint  # noqa: E402
@@ -31,22 +32,7 @@ def _tensors(path) -> dict[str, np.ndarray]:
     out = {}
     for f in sorted(os.listdir(path)):
         if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
-
-
-@pytest.fixture(scope="module")
-def fp8_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fp8") / "hf"
-    sha = fp8_checkpoint.build(path)
-    assert sha == str(np.load(FP8_GOLDEN)["files_sha256"]), "the builder made other bytes"
-    return path
-
-
-@pytest.fixture(scope="module")
-def fp8_converted(fp8_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("conv") / "f32"
-    convert_hf.hf_to_orbax(fp8_dir, out, dtype="float32", progress=False)
+            out.update(load_safetensors(os.path.join(path, f)))
     return out
 
 
@@ -153,7 +139,7 @@ def test_drop_mtp(fp8_dir, tmp_path):
 def test_quantize_dequantize_error_bound():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((300, 200)) * np.exp(rng.uniform(-3, 3, (300, 1)))
-    q, s = quantize(w, (128, 128))
+    q, s = quantize_np(w, (128, 128))
     assert q.dtype == ml_dtypes.float8_e4m3fn and s.shape == (3, 2)
     back = dequantize(q, s, (128, 128)).astype(np.float64)
     ref = fp8_checkpoint.dequantize_f64(q, s)
@@ -239,7 +225,7 @@ def _copy_fp8(fp8_dir, tmp_path):
 
 
 def _rewrite(path, fname, fn):
-    t = load_file(path / fname)
+    t = load_safetensors(path / fname)
     fn(t)
     save_file(t, path / fname)
 

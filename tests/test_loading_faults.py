@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import GOLDENS, run_script, tol
-from safetensors.numpy import load_file, save_file
+from conftest import GOLDENS, load_safetensors, run_script, tol
+from safetensors.numpy import save_file
 
 import dsv3_jax
 from dsv3_jax import convert_hf
@@ -54,7 +54,7 @@ def _load_from(path, names) -> dict[str, np.ndarray]:
     """The tensors ``names`` from whichever files of ``path`` hold them."""
     out = {}
     for f in sorted(path.glob("*.safetensors")):
-        t = load_file(f)
+        t = load_safetensors(f)
         out.update({n: t[n] for n in names if n in t})
     return out
 
@@ -158,7 +158,7 @@ def test_unindexed_name_in_two_files_cli(tmp_path, cli_env):
 
 def test_same_name_in_two_files_without_index(tmp_path):
     src = _copy(SINGLE, tmp_path)
-    t = load_file(src / "model.safetensors")
+    t = load_safetensors(src / "model.safetensors")
     save_file({"model.norm.weight": t["model.norm.weight"] * 2}, src / "extra.safetensors")
     with pytest.raises(CheckpointError) as err:
         dsv3_jax.load_hf_checkpoint(src)
@@ -169,7 +169,7 @@ def test_same_name_in_two_files_without_index(tmp_path):
 
 # ----------------------------------------------------------------------------- 8. dtypes
 def _edit(path, fname, fn):
-    t = load_file(path / fname)
+    t = load_safetensors(path / fname)
     fn(t)
     save_file(t, path / fname)
 
@@ -214,19 +214,12 @@ def test_float16_and_bfloat16_weights_load(tmp_path):
 
     _edit(src, "model.safetensors", edit)
     model = dsv3_jax.load_hf_checkpoint(src)
-    t = load_file(src / "model.safetensors")
+    t = load_safetensors(src / "model.safetensors")
     np.testing.assert_array_equal(
         np.asarray(model.norm.weight[...]), t["model.norm.weight"].astype(np.float32)
     )
     got = np.asarray(model.dense_layers.self_attn.o_proj.kernel[...][0]).T
     np.testing.assert_array_equal(got, t[head].astype(np.float32))
-
-
-@pytest.fixture(scope="module")
-def fp8_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fp8") / "hf"
-    fp8_checkpoint.build(path)
-    return path
 
 
 def test_fp8_where_no_scale_belongs_and_bad_scale_dtypes(fp8_dir, tmp_path):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import GOLDENS, run_script
 
-from dsv3_jax.hf_io import dequantize, quantize, scale_box
+from dsv3_jax.fp8 import quantize_np
+from dsv3_jax.hf_io import dequantize, scale_box
 
 sys.path.insert(0, str(GOLDENS))
 import fp8_checkpoint  # noqa: E402
@@ -26,6 +27,7 @@ CHECKS = [
     "custom_rules",
     "training_checkpoint_across_meshes",
     "converted_across_meshes",
+    "fp8_model_on_meshes",
 ]
 
 
@@ -58,7 +60,7 @@ def test_fp8_slice_dequantizes_like_the_whole_weight(box):
     """A slice with the scale blocks it touches (partial edge blocks, slices across block edges)
     gives the float64 reference's dequantisation of the whole weight, cut to the slice."""
     rng = np.random.default_rng(0)
-    q, scale = quantize(rng.standard_normal((300, 290)).astype(np.float32), (128, 128))
+    q, scale = quantize_np(rng.standard_normal((300, 290)).astype(np.float32), (128, 128))
     cut = tuple(slice(a, b) for a, b in box)
     blocks = tuple(slice(a, b) for a, b in scale_box(box, (128, 128)))
     got = dequantize(q[cut], scale[blocks], (128, 128), offset=(box[0][0], box[1][0]))

@@ -22,6 +22,7 @@ import time
 import traceback
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -43,6 +44,8 @@ from dsv3_jax import (  # noqa: E402
     load_hf_checkpoint,
     train_lib,
 )
+from dsv3_jax.fp8 import WEIGHT_BLOCK  # noqa: E402
+from dsv3_jax.fp8 import quantize as fp8_quantize  # noqa: E402
 from dsv3_jax.model import DeepseekV3, abstract_model  # noqa: E402
 from dsv3_jax.sharding import check_rules, logical_to_spec, make_mesh, shard_model  # noqa: E402
 
@@ -85,7 +88,8 @@ def golden_logits_error(model, golden: pathlib.Path) -> float:
 
 
 class ReadLog:
-    """Stands in for ``safe_open`` in dsv3_jax.hf_io and records every tensor read.
+    """Stands in for ``safe_open`` in dsv3_jax.hf_io and records every tensor read (FP8 tensors,
+    which hf_io reads from the files' bytes, through :meth:`fp8`).
 
     ``slices``: (tensor name, box ((start, stop) per dim), elements) per ``get_slice(name)[...]``;
     ``whole``: names read with ``get_tensor``.
@@ -133,21 +137,32 @@ class ReadLog:
 
         return File()
 
+    def fp8(self, files, name, box):
+        out = hf_io_fp8(files, name, box)
+        if box is None:
+            self.whole.append(name)
+        else:
+            self.slices.append((name, tuple(box), int(out.size)))
+        return out
+
     def boxes(self, name: str) -> list[tuple]:
         return sorted(box for n, box, _ in self.slices if n == name)
 
 
 hf_io_safe_open = hf_io.safe_open
+hf_io_fp8 = hf_io.SafetensorsDir._fp8
 
 
 @contextlib.contextmanager
 def reads_logged():
     log = ReadLog()
     hf_io.safe_open = log
+    hf_io.SafetensorsDir._fp8 = lambda files, name, box: log.fp8(files, name, box)
     try:
         yield log
     finally:
         hf_io.safe_open = hf_io_safe_open
+        hf_io.SafetensorsDir._fp8 = hf_io_fp8
 
 
 def device_boxes(x: jax.Array) -> list[tuple]:
@@ -335,6 +350,15 @@ def check_training_checkpoint_across_meshes(ctx):
     assert_same_values(flat_arrays(single), saved)
     for x in flat_arrays(single).values():
         assert len(x.sharding.device_set) == 1, x.sharding
+    # The FP8 model from float weights: quantized on the mesh as on one device.
+    fp8_one, _ = load_checkpoint(workdir, fp8=True)
+    fp8_mesh, _ = load_checkpoint(workdir, mesh=other, fp8=True)
+    want = fp8_quantize(saved["moe_layers.mlp.gate_proj"], WEIGHT_BLOCK)
+    got = (fp8_one.moe_layers.mlp.gate_proj[...], fp8_one.moe_layers.mlp.gate_proj_scale_inv[...])
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert_same_values(flat_arrays(fp8_mesh), flat_arrays(fp8_one))
+    assert_rule_shardings(fp8_mesh, other)
 
     # Resume onto a third mesh: templates carry the shardings to restore into.
     third = make_mesh(C)
@@ -385,6 +409,38 @@ def check_converted_across_meshes(ctx):
     return {"float32": [C, B], "keep_fp8": A, "keep_fp8 with custom rules": C}
 
 
+def check_fp8_model_on_meshes(ctx):
+    """``fp8=True`` onto meshes gives the one-device FP8 model's values (FP8 bytes and scales,
+    quantized kernels alike) in the rules' shardings: from the HF folder (FP8 tensors read as
+    device slices, their scales by the blocks the slices touch), from a --keep_fp8 folder, and
+    from a float32 folder (quantized on load)."""
+    mesh = make_mesh(A)
+    with reads_logged() as log:
+        model = load_hf_checkpoint(ctx["fp8_dir"], mesh=mesh, fp8=True)
+    assert not log.whole, log.whole[:5]
+    assert model.moe_layers.mlp.gate_proj[...].dtype == jnp.float8_e4m3fn
+    assert_same_values(flat_arrays(model), ctx["fp8_model_single"])
+    assert_rule_shardings(model, mesh)
+    name = "model.layers.1.mlp.experts.0.gate_proj.weight"
+    gate = model.moe_layers.mlp.gate_proj[...]
+    assert log.boxes(name) == sorted((f, d) for _, _, d, f in device_boxes(gate)), log.boxes(name)
+    keep = pathlib.Path(ctx["tmp"]) / "conv_fp8"  # written by check_converted_across_meshes
+    if not keep.exists():
+        convert_hf.hf_to_orbax(ctx["fp8_dir"], keep, keep_fp8=True, progress=False)
+    model, _ = load_checkpoint(keep, dtype="float32", mesh=mesh, fp8=True)
+    assert_same_values(flat_arrays(model), ctx["fp8_model_single"])
+    assert_rule_shardings(model, mesh)
+    f32 = pathlib.Path(ctx["tmp"]) / "conv_fp8_f32"
+    convert_hf.hf_to_orbax(ctx["fp8_dir"], f32, "float32", progress=False)
+    one, _ = load_checkpoint(f32, fp8=True)
+    for axes in (B, C):
+        mesh = make_mesh(axes)
+        model, _ = load_checkpoint(f32, mesh=mesh, fp8=True)
+        assert_same_values(flat_arrays(model), flat_arrays(one))
+        assert_rule_shardings(model, mesh)
+    return {"hf and keep_fp8": A, "quantized from float32": [B, C]}
+
+
 CHECKS = [
     check_hf_goldens_match_on_meshes,
     check_hf_values_and_named_specs,
@@ -392,6 +448,7 @@ CHECKS = [
     check_custom_rules,
     check_training_checkpoint_across_meshes,
     check_converted_across_meshes,
+    check_fp8_model_on_meshes,
 ]
 
 
@@ -410,6 +467,7 @@ def main(out_path: str) -> None:
             # one-device references: each HF tensor read whole (the mesh=None path)
             "a_single": flat_arrays(load_hf_checkpoint(GOLDENS / "a_qlora_yarn_sharded_mtp")),
             "fp8_single": flat_arrays(load_hf_checkpoint(fp8_dir)),
+            "fp8_model_single": flat_arrays(load_hf_checkpoint(fp8_dir, fp8=True)),
         }
         results["seconds"]["setup"] = round(time.time() - t, 2)
         for check in CHECKS:
