@@ -215,7 +215,8 @@ def load_checkpoint(
       rules: a sharding rules table (see ``sharding.DEFAULT_RULES``), kept as
         ``model.config.sharding_rules``. Default: the ``sharding_rules`` override, else the
         table saved in the checkpoint's config, else the default.
-      fp8: FP8 inference: the model is built with ``fp8_weights=True`` (every projection a
+      fp8: FP8 inference: the model is built with ``fp8_weights=True`` (and ``fp8_training``
+        off: a run trained in FP8 serves the same way; every projection a
         float8_e4m3fn kernel with float32 ``*_scale_inv`` in 128 x 128 blocks, run as an FP8
         GEMM; embedding, head, router and norms in ``dtype``). FP8 kernels of a ``--keep_fp8``
         folder keep their bytes and scales (never a float copy of them). Kernels stored in float
@@ -285,7 +286,7 @@ def load_checkpoint(
         meta = restore_meta(manager, step)
         config = ModelConfig.from_dict({**meta["model_config"], **config_overrides})
         if fp8:
-            config = config.replace(fp8_weights=True)
+            config = config.replace(fp8_weights=True, fp8_training=False)
         # Targets: ShapeDtypeStructs with their shardings; orbax casts to the dtype. Without a
         # mesh, one device: orbax would otherwise restore onto the mesh the arrays were saved on.
         # A training checkpoint holds float weights: the FP8 model's are quantized from them.

@@ -191,7 +191,7 @@ def load_converted(
     dtype_name = config_dtype_name(dtype or meta["dtype"])
     fields = {**meta["model_config"], "dtype": dtype_name, "param_dtype": dtype_name}
     if fp8:
-        config_overrides = {**config_overrides, "fp8_weights": True}
+        config_overrides = {**config_overrides, "fp8_weights": True, "fp8_training": False}
     config = ModelConfig.from_dict({**fields, **with_rules(config_overrides, rules)})
     graphdef, abstract_state = abstract_model(config, meta["mtp"], mesh)
     flat = dict(nnx.to_flat_state(abstract_state))

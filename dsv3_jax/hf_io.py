@@ -1035,7 +1035,7 @@ def load_hf_checkpoint(
       ValueError: a bad rules table, or ``rules`` and a different ``sharding_rules`` override.
     """
     if fp8:
-        config_overrides = {**config_overrides, "fp8_weights": True}
+        config_overrides = {**config_overrides, "fp8_weights": True, "fp8_training": False}
     ck = open_hf_checkpoint(path, dtype, mesh=mesh, **with_rules(config_overrides, rules))
     flat, files = ck.flat, ck.files
     scale_of = fp8_scale_paths(flat)  # FP8 model: kernel path -> its scale's

@@ -134,7 +134,9 @@ def test_weights_stored_in_float_are_quantized_on_load(models, fp8_converted):
     np.testing.assert_array_equal(np.asarray(eh.kernel[...]).view(np.uint8), q.view(np.uint8))
     np.testing.assert_array_equal(np.asarray(eh.kernel_scale_inv[...]), s)
 
-    model, _ = dsv3_jax.load_checkpoint(fp8_converted, fp8=True)
+    # fp8=True serves a run trained with fp8_training too (the flag is turned off, not refused)
+    model, _ = dsv3_jax.load_checkpoint(fp8_converted, fp8=True, fp8_training=True)
+    assert model.config.fp8_weights and not model.config.fp8_training
     floats = _flat(dsv3_jax.load_checkpoint(fp8_converted)[0])
     flat = _flat(model)
     for p, sp in layers.fp8_scale_paths(dict(nnx.to_flat_state(nnx.state(model)))).items():
