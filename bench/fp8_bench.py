@@ -15,29 +15,19 @@ may differ). Usage: python bench/fp8_bench.py [--iters 10] [--shapes 4096x7168x2
 import argparse
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from kernel_bench import timeit  # noqa: E402  (median ms after warm-up calls)
+
 from dsv3_jax import fp8  # noqa: E402
 
 GPU_SHAPES = "4096x7168x2048,4096x2048x7168"
 CPU_SHAPES = "512x1024x512,512x512x1024"
-
-
-def timeit(fn, *args, iters: int) -> float:
-    """Median seconds of fn(*args) after two warm-up (compiling) calls."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main() -> None:
@@ -71,8 +61,8 @@ def main() -> None:
                 ("fp8 reference (jnp)", timeit(ref_fn, aq, a_s, bq, b_s, iters=args.iters))]  # fmt: skip
         if not on_cpu:
             rows.append(("fp8 pallas", timeit(pal_fn, aq, a_s, bq, b_s, iters=args.iters)))
-        for name, sec in rows:
-            print(f"  {name:24s} {sec * 1e3:9.2f} ms  {flops / sec / 1e12:8.3f} TFLOP/s")
+        for name, ms in rows:
+            print(f"  {name:24s} {ms:9.2f} ms  {flops / ms / 1e9:8.3f} TFLOP/s")
         if on_cpu:
             print("  fp8 pallas               (interpret mode on CPU: checked, not timed)")
 

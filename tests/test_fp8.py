@@ -233,3 +233,15 @@ def test_fp8_linear_gradients_within_error_model(impl):
     for got, want in ((y, x @ w), (dx, dy @ w.T), (dw, x.T @ dy)):
         rel = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
         assert 1e-3 < rel < 0.05, rel
+
+
+def test_fp8_bench_runs_and_checks_the_kernel(monkeypatch, capsys):
+    import runpy
+
+    from conftest import ROOT
+
+    monkeypatch.setattr("sys.argv", ["fp8_bench.py", "--iters", "1", "--shapes", "40x300x130"])
+    runpy.run_path(str(ROOT / "bench" / "fp8_bench.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "M 40 x K 300 x N 130: pallas vs reference" in out and " OK" in out, out
+    assert "MISMATCH" not in out and "fp8 reference (jnp)" in out
