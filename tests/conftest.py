@@ -1,7 +1,9 @@
+import ctypes
 import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -106,6 +108,17 @@ _JOBS_OF_FIXTURE = {  # the session fixtures below and the jobs each one reads
 
 
 MESH_JOBS_NICE = 10
+try:  # Linux: a job dies with this process (PR_SET_PDEATHSIG), even if it is killed
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def _in_job_child() -> None:
+    """Runs in a job's process before it starts: niced, and killed when this process ends."""
+    os.nice(MESH_JOBS_NICE)
+    if _prctl is not None:
+        _prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def _unnice(pid: int) -> None:
@@ -140,7 +153,7 @@ class MeshJobs:
             with open(self.folder / f"{job}.stderr", "w") as err:
                 self.procs[job] = subprocess.Popen(
                     argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                    preexec_fn=lambda: os.nice(MESH_JOBS_NICE),
+                    preexec_fn=_in_job_child,
                 )  # fmt: skip
 
     def result(self, job: str, timeout: float = 900) -> subprocess.CompletedProcess:
