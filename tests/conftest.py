@@ -21,11 +21,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # of configs/tiny.py compile the same programs, which each fresh process would otherwise compile
 # again (about two thirds of a tiny run's CPU time). Set here, before any test module imports jax.
 # A hit loads the serialised executable of the same program: nothing a test checks changes.
-# (The pid check: a second import of this file under another name must not start another one.)
-if os.environ.get("DSV3_TESTS_XLA_CACHE_PID") != str(os.getpid()):
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsv3_jax_tests_xla_")
+_XLA_CACHE_PREFIX = "dsv3_jax_tests_xla_"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _session_compilation_cache() -> str:
+    """A new folder named after this process; removes those of sessions that were killed before
+    their pytest_unconfigure."""
+    for old in pathlib.Path(tempfile.gettempdir()).glob(_XLA_CACHE_PREFIX + "*"):
+        pid = old.name[len(_XLA_CACHE_PREFIX) :].split("_")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_XLA_CACHE_PREFIX}{os.getpid()}_")
+
+
+# (not again if this file is imported a second time under another name)
+if f"{_XLA_CACHE_PREFIX}{os.getpid()}_" not in os.environ.get("JAX_COMPILATION_CACHE_DIR", ""):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_compilation_cache()
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    os.environ["DSV3_TESTS_XLA_CACHE_PID"] = str(os.getpid())
 
 
 def pytest_unconfigure(config):
