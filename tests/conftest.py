@@ -1,8 +1,12 @@
+import ctypes
 import json
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +16,43 @@ GOLDENS = ROOT / "tests" / "goldens"
 GOLDEN_DIRS = sorted(p for p in GOLDENS.iterdir() if (p / "golden.npz").exists())
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# One persistent XLA compilation cache per test session, empty at its start, shared by this
+# process and every subprocess (they inherit the environment): the many train.py / sample.py runs
+# of configs/tiny.py compile the same programs, which each fresh process would otherwise compile
+# again (about two thirds of a tiny run's CPU time). Set here, before any test module imports jax.
+# A hit loads the serialised executable of the same program: nothing a test checks changes.
+_XLA_CACHE_PREFIX = "dsv3_jax_tests_xla_"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _session_compilation_cache() -> str:
+    """A new folder named after this process; removes those of sessions that were killed before
+    their pytest_unconfigure."""
+    for old in pathlib.Path(tempfile.gettempdir()).glob(_XLA_CACHE_PREFIX + "*"):
+        pid = old.name[len(_XLA_CACHE_PREFIX) :].split("_")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_XLA_CACHE_PREFIX}{os.getpid()}_")
+
+
+# (not again if this file is imported a second time under another name)
+if f"{_XLA_CACHE_PREFIX}{os.getpid()}_" not in os.environ.get("JAX_COMPILATION_CACHE_DIR", ""):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_compilation_cache()
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def tol(dtype: str) -> float:
@@ -111,16 +152,150 @@ def tiny_run(tmp_path_factory, cli_env):
     return workdir, r
 
 
-def mesh_script_report(name: str, *args: str, timeout: float = 900) -> dict:
-    """Runs tests/mesh_scripts/<name>.py (8 fake CPU devices, set by the script) in a subprocess
-    and returns the JSON of its ``RESULT `` line; the script's stderr tail on failure."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, f"tests/mesh_scripts/{name}.py", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    report = json.loads(line[len("RESULT ") :])
-    assert report["devices"] == 8
+# ----------------------------------------------------------------------------- mesh scripts
+# The multi-device checks run tests/mesh_scripts/*.py in subprocesses with 8 fake CPU devices.
+# They need nothing from the rest of the session, so each one its selected tests need starts with
+# the session's first test and runs alongside them, niced: most of the session keeps one core
+# busy (XLA compiles on one thread), and the scripts take the other. The fixture that reads a
+# script's results waits for it, first giving it back the session's priority where allowed.
+MESH_JOBS = {  # job: tests/mesh_scripts/ script and arguments ({out}: a file for its results)
+    "expert_parallel": ["expert_parallel.py"],
+    "parity_a": ["parity.py", "data=8", "fsdp=2,tensor=4", "other_rules"],  # two halves: about
+    "parity_b": ["parity.py", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"],  # 2 min each
+    "plan": ["plan.py"],
+    "loading": ["loading.py", "{out}"],
+}
+_JOBS_OF_FIXTURE = {  # the session fixtures below and the jobs each one reads
+    "expert_parallel_report": ["expert_parallel"],
+    "parity_report": ["parity_a", "parity_b"],
+    "plan_report": ["plan"],
+    "mesh_loading_results": ["loading"],
+}
+
+
+MESH_JOBS_NICE = 10
+try:  # Linux: a job dies with this process (PR_SET_PDEATHSIG), even if it is killed
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def _in_job_child() -> None:
+    """Runs in a job's process before it starts: niced, and killed when this process ends."""
+    os.nice(MESH_JOBS_NICE)
+    if _prctl is not None:
+        _prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def _unnice(pid: int) -> None:
+    """Every thread of ``pid`` back to this process's priority (Linux; root only, else a no-op)."""
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), mine)
+    except OSError:  # not Linux, the process has ended, or no permission to raise priority
+        pass
+
+
+class MeshJobs:
+    """The session's mesh-script subprocesses, each started at most once; output in files."""
+
+    def __init__(self, folder: pathlib.Path):
+        self.folder = folder
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def out(self, job: str) -> pathlib.Path:
+        return self.folder / f"{job}.out.json"
+
+    def start(self, job: str) -> None:
+        if job in self.procs:
+            return
+        script, *args = MESH_JOBS[job]
+        argv = [sys.executable, f"tests/mesh_scripts/{script}"]
+        argv += [a.format(out=self.out(job)) for a in args]
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=flags.strip())
+        with open(self.folder / f"{job}.stdout", "w") as out:
+            with open(self.folder / f"{job}.stderr", "w") as err:
+                self.procs[job] = subprocess.Popen(
+                    argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                    preexec_fn=_in_job_child,
+                )  # fmt: skip
+
+    def result(self, job: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        """Waits (``timeout`` seconds from now at most) for ``job``, starting it if need be."""
+        self.start(job)
+        proc = self.procs[job]
+        _unnice(proc.pid)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"mesh script job {job} did not end within {timeout} s")
+        read = lambda name: (self.folder / f"{job}.{name}").read_text()
+        return subprocess.CompletedProcess(
+            proc.args, proc.returncode, read("stdout"), read("stderr")
+        )
+
+    def report(self, job: str) -> dict:
+        """The JSON of the job's ``RESULT `` line; its stderr tail when it failed."""
+        proc = self.result(job)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+        report = json.loads(line[len("RESULT ") :])
+        assert report["devices"] == 8
+        return report
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mesh_jobs(request, tmp_path_factory):
+    """Starts the mesh scripts the session's selected tests need; stops any left at its end."""
+    jobs = MeshJobs(tmp_path_factory.mktemp("mesh_scripts"))
+    needed = {
+        job
+        for item in request.session.items
+        for name in getattr(item, "fixturenames", ())
+        for job in _JOBS_OF_FIXTURE.get(name, ())
+    }
+    for job in sorted(needed):
+        jobs.start(job)
+    yield jobs
+    jobs.stop()
+
+
+@pytest.fixture(scope="session")
+def expert_parallel_report(mesh_jobs) -> dict:
+    """tests/mesh_scripts/expert_parallel.py's report (tests/test_moe_ep.py)."""
+    return mesh_jobs.report("expert_parallel")
+
+
+@pytest.fixture(scope="session")
+def parity_report(mesh_jobs) -> dict:
+    """tests/mesh_scripts/parity.py's report, from its two halves (tests/test_mesh.py)."""
+    report = {"meshes": {}}
+    for job in _JOBS_OF_FIXTURE["parity_report"]:
+        part = mesh_jobs.report(job)
+        report["meshes"].update(part["meshes"])
+        report.update({k: v for k, v in part.items() if k == "other_rules"})
     return report
+
+
+@pytest.fixture(scope="session")
+def plan_report(mesh_jobs) -> dict:
+    """tests/mesh_scripts/plan.py's report (tests/test_plan.py)."""
+    return mesh_jobs.report("plan")
+
+
+@pytest.fixture(scope="session")
+def mesh_loading_results(mesh_jobs) -> dict:
+    """tests/mesh_scripts/loading.py's results file (tests/test_mesh_loading.py)."""
+    r = mesh_jobs.result("loading")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return json.loads(mesh_jobs.out("loading").read_text())

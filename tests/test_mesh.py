@@ -4,9 +4,6 @@ Multi-device work runs in a subprocess with 8 fake CPU devices (tests/mesh_scrip
 so the rest of the suite keeps its single device. In-process tests cover the rules table.
 """
 
-import json
-import os
-import subprocess
 import sys
 
 import jax
@@ -14,39 +11,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import sharding
-from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def parity():
-    """The script's report, from two processes run side by side (compilation is single-threaded:
-    two halves take about half the time on two cores)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    halves = [
-        ["data=8", "fsdp=2,tensor=4", "other_rules"],
-        ["data=2,expert=4", "fsdp=2,expert=2,tensor=2"],
-    ]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "tests/mesh_scripts/parity.py", *half],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for half in halves
-    ]
-    report = {"meshes": {}}
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-4000:]
-        line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-        part = json.loads(line[len("RESULT ") :])
-        assert part["devices"] == 8
-        report["meshes"].update(part["meshes"])
-        report.update({k: v for k, v in part.items() if k == "other_rules"})
-    return report
+def parity(parity_report):
+    return parity_report  # two halves, started with the session (conftest.MESH_JOBS)
 
 
 MESHES = ["data=8", "fsdp=2,tensor=4", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"]

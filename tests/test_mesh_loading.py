@@ -6,13 +6,11 @@ subprocess on 8 fake CPU devices (tests/mesh_scripts/loading.py, whose docstring
 references); each test here reports one of its checks, with the traceback when it failed.
 """
 
-import json
-import os
 import sys
 
 import numpy as np
 import pytest
-from conftest import GOLDENS, run_script
+from conftest import GOLDENS
 
 from dsv3_jax.fp8 import quantize_np
 from dsv3_jax.hf_io import dequantize, scale_box
@@ -32,13 +30,8 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def mesh_results(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("mesh_loading") / "results.json"
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    r = run_script(["tests/mesh_scripts/loading.py", str(out)], env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return json.loads(out.read_text())
+def mesh_results(mesh_loading_results) -> dict:
+    return mesh_loading_results  # started with the session (conftest.MESH_JOBS)
 
 
 @pytest.mark.parametrize("check", CHECKS)

@@ -13,12 +13,11 @@ from jax.sharding import AbstractMesh, AxisType
 
 from dsv3_jax import ModelConfig, moe
 from dsv3_jax.sharding import MESH_AXES
-from tests.conftest import mesh_script_report
 
 
 @pytest.fixture(scope="module")
-def report():
-    return mesh_script_report("expert_parallel")
+def report(expert_parallel_report):
+    return expert_parallel_report  # started with the session (conftest.MESH_JOBS)
 
 
 CASES = [

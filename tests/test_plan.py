@@ -12,19 +12,19 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 from configs import deepseek_v3_671b
 from dsv3_jax import plan
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import count_params
-from tests.conftest import ROOT, mesh_script_report
 
 V3 = ModelConfig.coerce(dict(deepseek_v3_671b.get_config().model))
 
 
 @pytest.fixture(scope="module")
-def sharded():
-    return mesh_script_report("plan")
+def sharded(plan_report):
+    return plan_report  # started with the session (conftest.MESH_JOBS)
 
 
 def test_plan_bytes_equal_the_sharded_arrays(sharded):

@@ -8,8 +8,7 @@ import os
 import textwrap
 
 import pytest
-
-from tests.conftest import ROOT, run_script
+from conftest import ROOT, run_script
 
 _spec = importlib.util.spec_from_file_location("scaling_bench", ROOT / "bench/scaling_bench.py")
 scaling_bench = importlib.util.module_from_spec(_spec)
