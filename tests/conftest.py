@@ -152,6 +152,23 @@ def tiny_run(tmp_path_factory, cli_env):
     return workdir, r
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """Drops jax's compiled programs after each test module.
+
+    XLA:CPU maps a few memory regions for each compiled program and jax keeps every program
+    alive in its caches; over the whole suite (about 480 tests) the process would pass Linux's
+    limit of 65,530 mappings (vm.max_map_count), and the next compile dies inside LLVM (a
+    segfault or abort, not a Python error). Within a module programs stay cached.
+    """
+    yield
+    import gc
+
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
+
+
 # ----------------------------------------------------------------------------- mesh scripts
 # The multi-device checks run tests/mesh_scripts/*.py in subprocesses with 8 fake CPU devices.
 # They need nothing from the rest of the session, so each one its selected tests need starts with
