@@ -10,7 +10,7 @@ PYTHON_HF ?= python3.11
 STEPS ?=
 WORKDIR ?= runs/shakespeare
 
-.PHONY: demo test train sample goldens bench-decode clean
+.PHONY: demo test train sample goldens bench-decode bench-train clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@if [ -z "$(PYTHON312)" ]; then echo "error: Python >= 3.12 not found; set PYTHON312=/path/to/python3.12" >&2; exit 1; fi
@@ -41,6 +41,10 @@ goldens: .venv-hf/.installed
 # dsv3_jax vs HF transformers decode speed (README figures); the speculative part needs `make demo`.
 bench-decode: $(VENV)/.installed .venv-hf/.installed
 	$(PY) bench/decode_bench.py --hf_python=.venv-hf/bin/python $(if $(wildcard $(WORKDIR)/checkpoints),--workdir=$(WORKDIR))
+
+# dsv3_jax vs HF transformers train-step speed and MFU (bench/README.md figures).
+bench-train: $(VENV)/.installed .venv-hf/.installed
+	$(PY) bench/train_bench.py --hf_python=.venv-hf/bin/python
 
 clean:
 	rm -rf $(VENV) .venv-hf runs

@@ -234,9 +234,12 @@ def _dense_attention(q_nope, q_rope, k_nope, k_rope, value, q_pos, k_pos, cfg) -
     Returns [b, s, h, v] in q_nope's dtype.
     """
     f32 = jnp.float32
-    scores = jnp.einsum("bshn,bthn->bhst", q_nope, k_nope, preferred_element_type=f32)
-    scores += jnp.einsum("bshr,btr->bhst", q_rope, k_rope, preferred_element_type=f32)
-    scores *= rope.softmax_scale(cfg)
+    # One product over [n ; r] (the rope key broadcast over heads) instead of two [b, h, s, t]
+    # products and their sum; the scale goes on the (smaller) queries.
+    q = jnp.concatenate([q_nope, q_rope], axis=-1) * rope.softmax_scale(cfg)  # [b, s, h, n + r]
+    k_r = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))
+    k = jnp.concatenate([k_nope, k_r.astype(k_nope.dtype)], axis=-1)  # [b, t, h, n + r]
+    scores = jnp.einsum("bshy,bthy->bhst", q, k, preferred_element_type=f32)  # y = n + r
     mask = k_pos[:, None, None, :] <= q_pos[:, None, :, None]  # [b, 1, s, t]
     scores = jnp.where(mask, scores, jnp.finfo(f32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q_nope.dtype)

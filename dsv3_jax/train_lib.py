@@ -125,10 +125,36 @@ def scale_by_adam_stored(b1, b2, eps, moment_dtype) -> optax.GradientTransformat
 
 
 # ----------------------------------------------------------------------------- losses
+@jax.custom_vjp
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] = logsumexp(logits) - logits[target], float32 [b, s].
+
+    logits float32 [b, s, w], targets int [b, s]. The backward is the closed form
+    g * (softmax(logits) - onehot(target)): one fused pass over [b, s, w], where autodiff of
+    log_softmax + take_along_axis makes several and scatters into a zero [b, s, w] buffer.
+    """
+    return _token_nll_fwd(logits, targets)[0]
+
+
+def _token_nll_fwd(logits, targets):
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [b, s]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [b, s]
+    return lse - picked, (logits, lse, targets)
+
+
+def _token_nll_bwd(res, g):
+    logits, lse, targets = res
+    onehot = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)  # [b, s, w]
+    probs = jnp.exp(logits - lse[..., None])
+    return (probs - onehot) * g[..., None], None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None):
     """Sum of token cross-entropies (nats) and the token count. logits [b, s, w], targets [b, s]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [b, s]
+    nll = token_nll(logits.astype(jnp.float32), targets)  # [b, s]
     if mask is None:
         mask = jnp.ones_like(nll)
     return (nll * mask).sum(), mask.sum()
