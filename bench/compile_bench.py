@@ -11,6 +11,7 @@
    batch are arguments, not temps).
 
 Usage: python bench/compile_bench.py [--layers 4,61] [--hidden 64] [--batch 8] [--seq_len 64]
+  [--no_remat]
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--no_remat", action="store_true", help="skip the remat memory table")
     args = p.parse_args()
     jax.config.update("jax_enable_compilation_cache", False)
     print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind})")
@@ -100,6 +102,8 @@ def main() -> None:
         lower_s, compile_s, cpu_s = compile_seconds(config, args.batch, args.seq_len)
         params = config_params(config)
         print(f"{n:>7} {params:>12,} {lower_s:>8.1f} {compile_s:>10.1f} {cpu_s:>14.1f}")
+    if args.no_remat:
+        return
     config = v3_structure(4, args.hidden)
     print(
         f"\nremat policies: XLA temp bytes of the train step (V3 structure, 4 layers, hidden "
