@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
             initializer_range=0.02,
             dtype="float32",  # bf16 matmuls are slow on CPU; use "bfloat16" on GPU/TPU
             param_dtype="float32",
-            remat=False,
+            remat="none",  # or "full", "minimal", "save_dots" (dsv3_jax.model.REMAT_POLICIES)
             # Routed tokens on a mesh with an expert axis: "auto" = all-to-all in shard_map
             # (dsv3_jax.moe); "gspmd" = one global sort. Capacity None = dropless.
             moe_dispatch="auto",
@@ -60,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             steps=360,
             batch_size=16,
+            # Learning rate (report 4.2): linear warmup over warmup_steps to lr, constant until
+            # decay_start_fraction of the steps, then cosine down to min_lr at the last step.
             lr=3e-3,
             min_lr=3e-4,
             warmup_steps=50,
@@ -70,9 +72,25 @@ def get_config() -> ml_collections.ConfigDict:
             weight_decay=0.1,
             decay_embeddings=False,
             clip=1.0,
+            # Gradient accumulation: each step's batch runs as this many micro-batches inside one
+            # jitted step (same loss, gradients and expert loads as the whole batch at once).
+            microbatches=1,
+            # Batch-size ramp (report 4.2: 3,072 -> 15,360 sequences over the first 469B tokens):
+            # from batch_size_ramp_start rows at step 0 up to batch_size at batch_size_ramp_steps,
+            # in batch_size_ramp_stages sizes (one compile each). 0: no ramp.
+            batch_size_ramp_start=0,
+            batch_size_ramp_steps=0,
+            batch_size_ramp_stages=4,
+            # MTP weight lambda (report 4.2: 0.3 for the first 10T of 14.8T tokens, then 0.1): it
+            # is mtp_lambda_final for the last mtp_lambda_final_fraction of the steps (0: never).
             mtp_lambda=0.3,
+            mtp_lambda_final=0.1,
+            mtp_lambda_final_fraction=0.0,
             balance_alpha=1e-4,
+            # Bias update speed gamma (report 4.2: 0.001, then 0 for the last 500B tokens): 0 for
+            # the last bias_gamma_final_fraction of the steps (0: never).
             bias_gamma=1e-3,
+            bias_gamma_final_fraction=0.0,
             seed=0,
             # A step with a non-finite loss or gradient norm stops the run; with skip_nonfinite it
             # is skipped (no update), unless more than max_consecutive_skips come in a row.

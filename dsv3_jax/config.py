@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 _ROPE_TYPES = ("default", "yarn")
+REMAT_NAMES = ("none", "full", "minimal", "save_dots")  # ModelConfig.remat (True/False: full/none)
 _MODEL_TYPES = ("deepseek_v3", "kimi_k2")  # Kimi K2 ships the DeepSeek-V3 architecture
 # ModelConfig fields that steer this implementation only: not in config.json, free to change
 # between training and sampling of the same weights.
@@ -166,7 +167,12 @@ class ModelConfig:
     # Implementation knobs (not in config.json).
     dtype: str = "float32"  # computation dtype: "float32" for parity, "bfloat16" for training
     param_dtype: str = "float32"
-    remat: bool = False  # rematerialise each decoder layer in the backward pass
+    # Rematerialisation of each decoder layer in the backward pass (dsv3_jax.model.REMAT_POLICIES):
+    # "none" (keep every activation), "full" (keep the layer's input only, recompute the rest),
+    # "minimal" (report 3.2.3: keep the down-projection outputs q_a and kv_a (latent c_KV, k_R),
+    # the attention output and the SwiGLU inputs; recompute RMSNorms, MLA up-projections, SwiGLU)
+    # or "save_dots" (keep every matmul output without a batch dimension). True/False: full/none.
+    remat: str = "none"
     moe_impl: str = "auto"  # grouped matmul: "ragged" (lax.ragged_dot), "blocked" (CPU), "auto"
     # How routed tokens reach their experts on a mesh (dsv3_jax.moe): "gspmd" (one global sort,
     # XLA partitions it; the reference), "all_to_all" (shard_map over the expert axis with
@@ -204,6 +210,9 @@ class ModelConfig:
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             # The dict form config.json uses: {"type": "yarn", "factor": 40, ...}.
             object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        remat = {"true": True, "false": False}.get(str(self.remat).lower(), self.remat)
+        if isinstance(remat, bool):  # saved configs, --remat=true|false, --config.model.remat=True
+            object.__setattr__(self, "remat", "full" if remat else "none")
         for name in ("dtype", "param_dtype"):  # accept jnp.bfloat16, np.dtype, "bfloat16" alike
             value = getattr(self, name)
             if not isinstance(value, str):
@@ -259,8 +268,8 @@ class ModelConfig:
             )
         for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"):
             _check_positive_number(f"ModelConfig.{name}", getattr(self, name))
-        for name in ("norm_topk_prob", "rope_interleave", "tie_word_embeddings", "attention_bias",
-                     "remat"):  # fmt: skip
+        for name in ("norm_topk_prob", "rope_interleave", "tie_word_embeddings",
+                     "attention_bias"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}"
@@ -342,6 +351,7 @@ class ModelConfig:
             ("mla_decode", ("absorbed", "naive")),
             ("attention_kernel", ("reference", "pallas")),
             ("fp8_kernel", ("reference", "pallas")),
+            ("remat", REMAT_NAMES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(

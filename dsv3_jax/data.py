@@ -389,6 +389,7 @@ def make_train_dataset(
     batch_size: int,
     seed: int,
     shard: grain.sharding.ShardOptions | None = None,
+    ramp: Sequence[tuple[int, int]] = (),
 ) -> grain.MapDataset:
     """An infinite, shuffled stream of [batch_size, seq_len + 1] training windows.
 
@@ -408,13 +409,18 @@ def make_train_dataset(
             ``ShardOptions(k, n)`` each element is rows [k * b / n, (k + 1) * b / n) of the
             one-process stream's batch at the same step, so the n processes' parts make up
             exactly its batches. None: whole batches.
+        ramp: a batch-size ramp, ((first step, rows), ...) as ``train_lib.batch_size_stages``
+            gives: element j (step j) holds the rows of the stage step j is in (``batch_size``
+            from the last stage's step on), drawn from the same window stream, so the windows of
+            step j depend on j alone and a restored iterator stays on the ramp; the first stage
+            starts at step 0 and the last one is ``batch_size``. Empty: no ramp.
 
     Returns:
         grain.MapDataset of int32 [b, s + 1] arrays ([b / n, s + 1] with ``shard``).
 
     Raises:
-        ValueError: fewer than seq_len + 1 tokens, seq_len/batch_size < 1, or a batch_size that
-            the shard count does not divide.
+        ValueError: fewer than seq_len + 1 tokens, seq_len/batch_size < 1, a batch_size (or ramp
+            size) that the shard count does not divide, or a ramp not from step 0 to batch_size.
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len=}, {batch_size=}")
@@ -429,11 +435,37 @@ def make_train_dataset(
         return np.asarray(tokens[i * seq_len : (i + 1) * seq_len + 1], dtype=np.int32)  # [s+1]
 
     ds = grain.MapDataset.range(n_windows).shuffle(seed=seed).repeat().map(window)
+    if ramp:
+        if sorted(ramp)[-1][1] != batch_size or sorted(ramp)[0][0] != 0:
+            raise ValueError(f"ramp {ramp} must start at step 0 and end at {batch_size=}")
+        return _ramped(ds, ramp, shard)
     if count == 1:
         return ds.batch(batch_size, drop_remainder=True)  # [b, s+1]
     # Batches of b / n windows; the one-process batch i is batches i * n ... i * n + n - 1.
     parts = ds.batch(batch_size // count, drop_remainder=True)  # [b/n, s+1]
     return parts[shard.shard_index :: count]
+
+
+def _ramped(windows: grain.MapDataset, ramp, shard) -> grain.MapDataset:
+    """Step j -> this process's rows of the ramp's step-j batch (see make_train_dataset)."""
+    stages = sorted(ramp)
+    k, n = (0, 1) if shard is None else (shard.shard_index, shard.shard_count)
+    for _, rows in stages:
+        if rows % n:
+            raise ValueError(f"ramp batch size {rows} is not a multiple of the {n} shards")
+    offsets, total = [], 0  # windows before each stage's first step
+    for i, (first, rows) in enumerate(stages):
+        offsets.append(total)
+        if i + 1 < len(stages):
+            total += (stages[i + 1][0] - first) * rows
+
+    def step_batch(j: int) -> np.ndarray:
+        i = max(i for i, (first, _) in enumerate(stages) if j >= first)
+        first, rows = stages[i]
+        lo = offsets[i] + (j - first) * rows + k * rows // n
+        return np.stack([windows[lo + r] for r in range(rows // n)])  # [b/n, s+1]
+
+    return grain.MapDataset.range(2**62).map(step_batch)
 
 
 def val_batches(tokens, seq_len: int, batch_size: int, pad_id: int = BOS_ID):

@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
@@ -216,4 +217,5 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, (width, "embed"), config, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = checkpoint_name(self.gate_proj(x), "mlp_gate"), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * checkpoint_name(up, "mlp_up"))

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax import rope
 from dsv3_jax.config import ModelConfig
@@ -90,7 +91,7 @@ class MLA(nnx.Module):
     def latent(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [b, s, d] -> (c_kv [b, s, c] normed, k_rope [b, s, r] roped): what the cache stores."""
         cfg = self.config
-        kv = self.kv_a_proj_with_mqa(x)  # [b, s, c + r]
+        kv = checkpoint_name(self.kv_a_proj_with_mqa(x), "kv_a")  # [b, s, c + r]: c_KV, k_R
         c_kv = self.kv_a_layernorm(kv[..., : cfg.kv_lora_rank])
         k_rope = self._rope(kv[..., None, cfg.kv_lora_rank :], positions)[:, :, 0]  # [b, s, r]
         return c_kv, k_rope
@@ -101,7 +102,7 @@ class MLA(nnx.Module):
         if cfg.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_layernorm(checkpoint_name(self.q_a_proj(x), "q_a")))
         q = q.reshape(*x.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)  # [b, s, h, n + r]
         q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
         q_rope = self._rope(q_rope, positions)
@@ -152,7 +153,7 @@ class MLA(nnx.Module):
             out = self._attend_cache_absorbed(q_nope, q_rope, cache, positions)
         else:
             out = self._attend_cache_naive(q_nope, q_rope, cache, positions)
-        out = self.o_proj(out.reshape(*x.shape[:2], -1))  # [b, s, d]
+        out = self.o_proj(checkpoint_name(out, "attn_out").reshape(*x.shape[:2], -1))  # [b, s, d]
         return out, cache
 
     def _expand(self, c_kv: jax.Array) -> tuple[jax.Array, jax.Array]:

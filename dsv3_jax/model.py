@@ -58,10 +58,26 @@ def _stack(config: ModelConfig, moe: bool, n: int, rngs: nnx.Rngs) -> DecoderLay
     return create(rngs.split(n))
 
 
+# ModelConfig.remat -> what each layer keeps for the backward pass (jax.checkpoint policies).
+# The names are jax.ad_checkpoint.checkpoint_name tags in mla.py, layers.py and moe.py.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Report 3.2.3: recompute RMSNorm and the MLA up-projections; keep the compressed latents
+    # (q_a; kv_a = c_KV and k_R before their norm), the attention output and the SwiGLU inputs
+    # (report 3.3: SwiGLU is recomputed from its cached inputs).
+    "minimal": jax.checkpoint_policies.save_only_these_names(
+        "q_a", "kv_a", "attn_out", "mlp_gate", "mlp_up"
+    ),
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 def _run_stack(
-    layers: DecoderLayer, h, positions, cache, remat: bool, prefill: bool = False, rules=None
+    layers: DecoderLayer, h, positions, cache, remat: str, prefill: bool = False, rules=None
 ):
     """Scans ``h`` through a stack of layers; cache leaves carry a leading [l] axis.
+
+    ``remat``: a ModelConfig.remat name ("none", or a key of REMAT_POLICIES).
 
     ``h`` is pinned to the batch sharding at each block boundary (``rules``: the sharding table);
     with FSDP, XLA gathers each layer's weight shards inside the body, one layer at a time.
@@ -74,8 +90,8 @@ def _run_stack(
         h, aux, layer_cache = layer(constrain(h, TOKENS, rules), positions, layer_cache, prefill)
         return constrain(h, TOKENS, rules), (aux, layer_cache)
 
-    if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+    if remat in REMAT_POLICIES:
+        body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICIES[remat])
     h, (aux, cache) = jax.lax.scan(body, h, (state, cache))
     return h, aux, cache
 

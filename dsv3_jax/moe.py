@@ -35,6 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, dtype_of, eager_sharding, kernel_params, param, product
@@ -196,9 +197,8 @@ def expert_ffn(
         xb = layout.pad(x_sorted)  # [n, B, d]
         cfg = config if fp8 else None
         s_gate, s_up, s_down = scales if scales is not None else (None, None, None)
-        h = jax.nn.silu(layout.matmul(xb, w_gate, dtype, cfg, s_gate)) * layout.matmul(
-            xb, w_up, dtype, cfg, s_up
-        )
+        gate = checkpoint_name(layout.matmul(xb, w_gate, dtype, cfg, s_gate), "mlp_gate")
+        h = jax.nn.silu(gate) * checkpoint_name(layout.matmul(xb, w_up, dtype, cfg, s_up), "mlp_up")
         return layout.unpad(layout.matmul(h, w_down, dtype, cfg, s_down))  # [m, d]
 
     def gmm(a, w):
@@ -206,7 +206,8 @@ def expert_ffn(
             a.astype(dtype), w.astype(dtype), group_sizes, preferred_element_type=jnp.float32
         ).astype(dtype)
 
-    return gmm(jax.nn.silu(gmm(x_sorted, w_gate)) * gmm(x_sorted, w_up), w_down)
+    gate, up = checkpoint_name(gmm(x_sorted, w_gate), "mlp_gate"), gmm(x_sorted, w_up)
+    return gmm(jax.nn.silu(gate) * checkpoint_name(up, "mlp_up"), w_down)
 
 
 # ----------------------------------------------------------------------------- dispatch / combine

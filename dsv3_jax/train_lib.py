@@ -22,14 +22,18 @@ from flax import nnx
 
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.moe import ExpertBias, update_expert_bias
-from dsv3_jax.sharding import constrain_tree
+from dsv3_jax.sharding import constrain, constrain_tree
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-    mtp_lambda: float = 0.3  # lambda (0.3 for the first 10T tokens in the report)
-    balance_alpha: float = 1e-4  # alpha of the sequence-wise balance loss
-    bias_gamma: float = 1e-3  # gamma of the aux-loss-free bias update
+    """The loss and bias-update weights of one step: a pytree of float32 scalars (Python floats
+    or arrays), traced by :func:`train_step`, so a schedule that changes them never recompiles."""
+
+    mtp_lambda: float | jax.Array = 0.3  # lambda (0.3 for the first 10T tokens in the report)
+    balance_alpha: float | jax.Array = 1e-4  # alpha of the sequence-wise balance loss
+    bias_gamma: float | jax.Array = 1e-3  # gamma of the aux-loss-free bias update (0 at the end)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -51,6 +55,62 @@ def lr_schedule(
     return optax.join_schedules(
         [warmup, optax.constant_schedule(peak_lr), decay], [warmup_steps, decay_start]
     )
+
+
+def final_stretch_value(
+    step: int, value: float, final_value: float, final_fraction: float, total_steps: int
+) -> float:
+    """``value`` for 0-based step ``step`` before the run's final stretch, ``final_value`` in it.
+
+    The final stretch is the last ``round(final_fraction * total_steps)`` steps (none at 0). It
+    gives the report's step schedules (V3 section 4.2): the MTP weight lambda 0.3 for the first
+    10T of 14.8T tokens then 0.1 (``final_fraction`` 4.8/14.8), and the bias update speed gamma
+    0.001 then 0 for the last 500B tokens (``final_fraction`` 0.5/14.8). Here steps stand for
+    tokens (equal when the batch size is constant).
+    """
+    first_final = total_steps - round(final_fraction * total_steps)
+    return final_value if step >= first_final else value
+
+
+def batch_size_stages(
+    batch_size: int, start: int, ramp_steps: int, stages: int, unit: int = 1
+) -> tuple[tuple[int, int], ...]:
+    """The batch-size ramp: ((first step, rows), ...) sorted by step, ending at ``batch_size``.
+
+    The report ramps 3,072 -> 15,360 sequences over the first 469B tokens (V3 section 4.2); here
+    the ramp goes from ``start`` rows at step 0 to ``batch_size`` at step ``ramp_steps`` in
+    ``stages`` equal spans of steps, span i at start + (batch_size - start) * i / stages rows
+    rounded down to a multiple of ``unit`` (micro-batches x the mesh's batch shards), so the train
+    step compiles once per distinct size. ``start`` 0 or ``ramp_steps`` 0: no ramp,
+    ((0, batch_size),).
+
+    Raises:
+      ValueError: ``start`` above ``batch_size`` or not a multiple of ``unit``; ``stages`` < 1.
+    """
+    if not start or not ramp_steps or start == batch_size:
+        return ((0, batch_size),)
+    if start > batch_size or start % unit or stages < 1:
+        raise ValueError(
+            f"a batch-size ramp needs 0 < start <= batch_size, start a multiple of {unit} and "
+            f"stages >= 1, got start={start}, batch_size={batch_size}, stages={stages}"
+        )
+    out = []
+    for i in range(stages):
+        rows = start + (batch_size - start) * i // stages
+        rows -= rows % unit
+        first = ramp_steps * i // stages
+        if out and out[-1][0] == first:
+            out.pop()
+        if not out or out[-1][1] != rows:
+            out.append((first, rows))
+    if out[-1][1] != batch_size:
+        out.append((ramp_steps, batch_size))
+    return tuple(out)
+
+
+def batch_size_at(stages: tuple[tuple[int, int], ...], step: int) -> int:
+    """Rows of 0-based step ``step`` under :func:`batch_size_stages`' ``stages``."""
+    return next(rows for first, rows in reversed(stages) if step >= first)
 
 
 def decay_mask(params: nnx.State, decay_embeddings: bool = False) -> Any:
@@ -218,16 +278,71 @@ def split_model(model: DeepseekV3):
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
+# Metrics of loss_fn that add up over micro-batches (counts); the others are per-token or
+# per-sequence means over equal-sized micro-batches, so their mean is the whole batch's.
+_SUMMED_METRICS = ("main_load", "mtp_loads", "dropped")
+
+
+def _split_microbatches(tokens: jax.Array, microbatches: int, rules=None) -> jax.Array:
+    """[b, s + 1] -> [m, b / m, s + 1]: micro-batch j holds rows j, m + j, 2m + j, ...
+
+    Strided, so that when the batch rows are split over the mesh's batch shards in contiguous
+    blocks (b / m a multiple of the shard count), every micro-batch keeps an equal part on each
+    shard and the split is a local transpose.
+    """
+    b = tokens.shape[0]
+    if b % microbatches:
+        raise ValueError(f"batch of {b} rows is not a multiple of microbatches={microbatches}")
+    micro = tokens.reshape(b // microbatches, microbatches, *tokens.shape[1:])  # [b/m, m, s+1]
+    return constrain(jnp.swapaxes(micro, 0, 1), (None, "batch", None), rules)  # [m, b/m, s+1]
+
+
+def _accumulated_grads(params, biases, graphdef, tokens, weights, microbatches: int, rules=None):
+    """value_and_grad of :func:`loss_fn` over the whole batch, ``microbatches`` at a time.
+
+    One ``lax.scan`` over micro-batches sums the gradients (in float32) and the metrics; the
+    loss, the gradients and the mean metrics are averaged (every micro-batch has the same token
+    and sequence count, so the means are the whole batch's), the expert loads and dropped counts
+    summed: the bias update sees the loads of the whole batch.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        return grad_fn(params, biases, graphdef, tokens, weights)
+    micro = _split_microbatches(tokens, microbatches, rules)
+    shapes = jax.eval_shape(lambda t: grad_fn(params, biases, graphdef, t, weights), micro[0])
+    f32 = jnp.float32
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, f32), shapes)
+
+    def body(acc, mb):
+        out = grad_fn(params, biases, graphdef, mb, weights)
+        return jax.tree.map(lambda a, x: a + x.astype(f32), acc, out), None
+
+    ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, micro)
+    scale = 1.0 / microbatches
+    metrics = {k: v if k in _SUMMED_METRICS else v * scale for k, v in metrics.items()}
+    grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+    return (loss * scale, metrics), grads
+
+
 @functools.partial(
     jax.jit,
-    static_argnums=(0, 1, 2),
-    static_argnames=("skip_nonfinite",),
+    static_argnums=(0, 1),
+    static_argnames=("skip_nonfinite", "microbatches"),
     donate_argnums=(3, 4, 5),
 )
 def train_step(
-    graphdef, tx, weights: LossWeights, params, biases, opt_state, tokens, skip_nonfinite=False
-):
-    """One optimizer step. Returns (params, biases, opt_state, metrics).
+    graphdef, tx, weights: LossWeights, params, biases, opt_state, tokens, skip_nonfinite=False,
+    microbatches: int = 1,
+):  # fmt: skip
+    """One optimizer step on a batch of token windows int32 [b, s + 1].
+
+    Returns (params, biases, opt_state, metrics).
+
+    ``weights`` (:class:`LossWeights`) is traced: schedules of lambda and gamma never recompile.
+    ``microbatches`` (gradient accumulation) splits the batch into that many micro-batches of
+    b / m rows run one after the other inside this one program (``lax.scan``); the loss, the
+    gradients, the metrics and the expert loads of the bias update (which moves once, with the
+    summed loads) are those of the whole batch (V3 section 2.1.2: loads over the global batch).
 
     ``metrics["finite"]`` (bool scalar) says whether the loss and the gradient norm are finite. With
     ``skip_nonfinite`` a non-finite step changes nothing: params, biases and optimizer state (its
@@ -237,10 +352,14 @@ def train_step(
     to the parameters' shardings (the model config's sharding rules); the expert loads behind the
     bias update are those of the whole global batch (the program is global), so every replica
     applies the same update.
+
+    Raises:
+      ValueError: b is not a multiple of ``microbatches``.
     """
     rules = nnx.merge(graphdef, params, biases).config.sharding_rules
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, metrics), grads = grad_fn(params, biases, graphdef, tokens, weights)
+    (loss, metrics), grads = _accumulated_grads(
+        params, biases, graphdef, tokens, weights, microbatches, rules
+    )
     grads = constrain_tree(grads, rules)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

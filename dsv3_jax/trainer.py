@@ -244,6 +244,29 @@ def check_run_config(cfg, workdir: str) -> None:
     for name, value in non_negative.items():
         if not (value >= 0 and math.isfinite(value)):
             raise RunConfigError(f"config.{name} must be a finite number >= 0, got {value!r}")
+    non_negative = {"train.mtp_lambda_final": t.get("mtp_lambda_final", 0.1)}
+    for name in ("mtp_lambda_final_fraction", "bias_gamma_final_fraction"):
+        if not 0 <= t.get(name, 0.0) <= 1:
+            raise RunConfigError(f"config.train.{name} must be in [0, 1], got {t[name]!r}")
+    for name, value in non_negative.items():
+        if not (value >= 0 and math.isfinite(value)):
+            raise RunConfigError(f"config.{name} must be a finite number >= 0, got {value!r}")
+    ints = {"microbatches": 1, "batch_size_ramp_start": 0, "batch_size_ramp_steps": 0,
+            "batch_size_ramp_stages": 1}  # fmt: skip
+    for name, least in ints.items():
+        value = t.get(name, least)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise RunConfigError(f"config.train.{name} must be an int >= {least}, got {value!r}")
+    if t.batch_size % t.get("microbatches", 1):
+        raise RunConfigError(
+            f"config.train.batch_size={t.batch_size} must be a multiple of "
+            f"config.train.microbatches={t.microbatches}"
+        )
+    if t.get("batch_size_ramp_start", 0) > t.batch_size:
+        raise RunConfigError(
+            f"config.train.batch_size_ramp_start={t.batch_size_ramp_start} must be <= "
+            f"config.train.batch_size={t.batch_size} (the size the ramp ends at)"
+        )
     for name in ("b1", "b2"):
         if not 0 <= t[name] < 1:
             raise RunConfigError(f"config.train.{name} must be in [0, 1), got {t[name]!r}")
@@ -293,18 +316,75 @@ def make_mesh(cfg) -> Mesh:
 
 
 def check_batches(cfg, mesh: Mesh) -> None:
-    """Raises RunConfigError unless the batch sizes split evenly over the mesh's batch axes."""
+    """Raises RunConfigError unless the batch sizes split evenly over the mesh's batch axes
+    (train batches: each of their ``train.microbatches`` micro-batches, ramp sizes included)."""
     ways = sharding.batch_shards(mesh)
-    for name, rows in (
-        ("train.batch_size", cfg.train.batch_size),
-        ("data.eval_batch_size", cfg.data.eval_batch_size),
+    micro = cfg.train.get("microbatches", 1)
+    for name, rows, unit in (
+        ("train.batch_size", cfg.train.batch_size, ways * micro),
+        ("train.batch_size_ramp_start", cfg.train.get("batch_size_ramp_start", 0), ways * micro),
+        ("data.eval_batch_size", cfg.data.eval_batch_size, ways),
     ):
-        if rows % ways:
+        if rows % unit:
             axes = " x ".join(f"{a}={mesh.shape[a]}" for a in sharding.BATCH_AXES)
+            per = f" x train.microbatches={micro}" if unit != ways else ""
             raise RunConfigError(
-                f"config.{name}={rows} must be a multiple of {ways}, the devices the batch is "
-                f"split over ({axes} of config.mesh)"
+                f"config.{name}={rows} must be a multiple of {unit}, the devices the batch is "
+                f"split over ({axes} of config.mesh){per}"
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedules:
+    """The run's step schedules (V3 section 4.2), functions of the 0-based step: the batch-size
+    ramp (``ramp``: train_lib.batch_size_stages), the MTP weight lambda and the bias update speed
+    gamma (train_lib.final_stretch_value), beside the learning rate of ``lr``."""
+
+    ramp: tuple[tuple[int, int], ...]
+    microbatches: int
+    lr: object  # optax schedule of the optimizer step count
+    mtp_lambda: tuple[float, float, float]  # value, final value, final fraction
+    balance_alpha: float
+    bias_gamma: tuple[float, float]  # value, final fraction (then 0)
+    steps: int
+
+    @classmethod
+    def of(cls, t, mesh: Mesh, lr) -> Schedules:
+        micro = t.get("microbatches", 1)
+        ramp = train_lib.batch_size_stages(
+            t.batch_size,
+            t.get("batch_size_ramp_start", 0),
+            t.get("batch_size_ramp_steps", 0),
+            t.get("batch_size_ramp_stages", 4),
+            unit=micro * sharding.batch_shards(mesh),
+        )
+        return cls(
+            ramp, micro, lr,
+            (t.mtp_lambda, t.get("mtp_lambda_final", 0.1), t.get("mtp_lambda_final_fraction", 0.0)),
+            t.balance_alpha, (t.bias_gamma, t.get("bias_gamma_final_fraction", 0.0)), t.steps,
+        )  # fmt: skip
+
+    def batch_size(self, step: int) -> int:
+        return train_lib.batch_size_at(self.ramp, step)
+
+    def weights(self, step: int) -> train_lib.LossWeights:
+        """The loss weights of 0-based step ``step`` (traced by train_step: no recompiles)."""
+        lam = train_lib.final_stretch_value(step, *self.mtp_lambda, self.steps)
+        gamma = train_lib.final_stretch_value(step, self.bias_gamma[0], 0.0, self.bias_gamma[1],
+                                              self.steps)  # fmt: skip
+        return train_lib.LossWeights(lam, self.balance_alpha, gamma)
+
+    def describe(self) -> str:
+        lam, lam_final, lam_frac = self.mtp_lambda
+        parts = [
+            f"batch size {' -> '.join(f'{b} (step {s})' for s, b in self.ramp)}",
+            f"{self.microbatches} micro-batch(es) per step",
+            f"mtp_lambda {lam}" + (f" then {lam_final} for the last {lam_frac:.1%} of steps"
+                                   if lam_frac else ""),
+            f"bias_gamma {self.bias_gamma[0]}" + (f" then 0 for the last {self.bias_gamma[1]:.1%}"
+                                                  " of steps" if self.bias_gamma[1] else ""),
+        ]  # fmt: skip
+        return "schedules: " + "; ".join(parts)
 
 
 def train(cfg, workdir: str) -> dict:
@@ -363,10 +443,15 @@ def train(cfg, workdir: str) -> dict:
             moment_dtype="bfloat16" if mcfg.fp8_training else None,
         )
         opt_state = train_lib.init_opt_state(tx, params, model.config.sharding_rules)
-        weights = train_lib.LossWeights(t.mtp_lambda, t.balance_alpha, t.bias_gamma)
+        schedules = Schedules.of(t, mesh, schedule)
+        log.info(
+            "%s; lr: warmup %d steps to %g, constant to step %d, cosine to %g at step %d",
+            schedules.describe(), t.warmup_steps, t.lr, decay_start, t.min_lr, t.steps,
+        )  # fmt: skip
         feed = BatchFeeder(mesh, t.batch_size)
+        ramp = schedules.ramp if len(schedules.ramp) > 1 else ()
         dataset = data.make_train_dataset(
-            train_tokens, cfg.data.seq_len, t.batch_size, t.seed, shard=feed.shard
+            train_tokens, cfg.data.seq_len, t.batch_size, t.seed, shard=feed.shard, ramp=ramp
         )
         data_iter = iter(dataset)
         val = data.val_batches(
@@ -378,7 +463,7 @@ def train(cfg, workdir: str) -> dict:
         manager = checkpoint.make_manager(workdir, t.keep)
         try:
             return _train_loop(
-                cfg, workdir, manager, model, mcfg, vocab, schedule, tx, opt_state, weights,
+                cfg, workdir, manager, model, mcfg, vocab, schedule, tx, opt_state, schedules,
                 data_iter, feed, val, val_feed, skip_nonfinite, max_skips,
             )  # fmt: skip
         except jax.errors.JaxRuntimeError as err:
@@ -436,7 +521,7 @@ def _prepare(cfg, workdir: str):
 
 
 def _train_loop(
-    cfg, workdir, manager, model, mcfg, vocab, schedule, tx, opt_state, weights, data_iter, feed,
+    cfg, workdir, manager, model, mcfg, vocab, schedule, tx, opt_state, schedules, data_iter, feed,
     val, val_feed, skip_nonfinite, max_skips,
 ) -> dict:  # fmt: skip
     t = cfg.train
@@ -478,6 +563,7 @@ def _train_loop(
         graphdef, params, biases = train_lib.split_model(model)
         log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), step)
         changed = _changes(saved.get("run_config", {}), run_config)
+        _check_same_batches(saved.get("run_config", {}).get("train", {}), t, workdir)
         if changed:
             log.warning(
                 "resuming with changed settings (saved -> now): %s%s",
@@ -492,22 +578,37 @@ def _train_loop(
 
     writer = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10) if primary else _NoWriter()
     metrics, last = {}, time.time()
-    tokens_per_step = t.batch_size * cfg.data.seq_len
     start_step = last_step = step
     # Non-finite steps are counted on the device and read at the log/eval/save points, which
     # sync anyway: no extra host round trip per step.
     tracker, skipped = sharding.place(train_lib.new_nonfinite_tracker(), feed.sharding.mesh), 0
-    while step < t.steps:
-        batch = feed.put(next(data_iter))  # [b, s + 1] over the batch axes
-        params, biases, opt_state, metrics = train_lib.train_step(
-            graphdef, tx, weights, params, biases, opt_state, batch, skip_nonfinite=skip_nonfinite
+    feeds = {rows: BatchFeeder(feed.sharding.mesh, rows) for _, rows in schedules.ramp}
+    if any(f.shard != feed.shard for f in feeds.values()):
+        raise RunConfigError(
+            "config.train.batch_size_ramp_start: this process would feed other rows of the ramp's "
+            "batches than of the final ones; use a mesh whose batch axes follow the processes"
         )
+    tokens_seen = last_tokens = 0
+    while step < t.steps:
+        rows, weights = schedules.batch_size(step), schedules.weights(step)
+        batch = feeds[rows].put(next(data_iter))  # [b, s + 1] over the batch axes
+        params, biases, opt_state, metrics = train_lib.train_step(
+            graphdef, tx, weights, params, biases, opt_state, batch,
+            skip_nonfinite=skip_nonfinite, microbatches=schedules.microbatches,
+        )  # fmt: skip
         step += 1
+        tokens_seen += rows * cfg.data.seq_len
         tracker = train_lib.track_nonfinite(tracker, metrics, step, max_skips)
         del metrics["finite"]
+        metrics.update(
+            batch_size=rows, mtp_lambda=weights.mtp_lambda, bias_gamma=weights.bias_gamma
+        )  # logged with the lr at the log points
         log_now = step % t.log_every == 0 or step == t.steps or step == start_step + 1
         eval_now = step % t.eval_every == 0 or step == t.steps
         save_now = step % t.save_every == 0 or step == t.steps
+        if log_now:  # mean tokens per step since the last log (the batch size ramps)
+            tokens_per_step = (tokens_seen - last_tokens) / max(step - last_step, 1)
+            last_tokens = tokens_seen
         if log_now or eval_now or save_now:
             skipped = _check_nonfinite(tracker, skipped, step, t, manager, writer)
         if log_now:
@@ -574,6 +675,26 @@ class _NoWriter:
 
     def close(self) -> None:
         pass
+
+
+_BATCH_FIELDS = {"batch_size": None, "batch_size_ramp_start": 0, "batch_size_ramp_steps": 0,
+                 "batch_size_ramp_stages": 4}  # fmt: skip
+
+
+def _check_same_batches(saved_train: dict, t, workdir: str) -> None:
+    """Raises RunConfigError if a resumed run changes its batch sizes: the data iterator's saved
+    position counts steps, and step j's windows follow from the batch sizes of steps 0 .. j."""
+    diff = {
+        f"train.{k}": (saved_train.get(k, default), t.get(k, default))
+        for k, default in _BATCH_FIELDS.items()
+        if saved_train and saved_train.get(k, default) != t.get(k, default)
+    }
+    if diff:
+        raise RunConfigError(
+            f"{workdir} was trained with other batch sizes (saved -> now: {diff}); the data "
+            "position of a resumed run follows from them: resume with the saved values, or use a "
+            "new --workdir"
+        )
 
 
 def _check_processes(workdir: str, step: int) -> None:

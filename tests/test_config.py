@@ -201,7 +201,7 @@ def test_rope_scaling_dict_errors_name_the_key():
         (dict(rms_norm_eps="1e-6"), "rms_norm_eps must be a finite number > 0, got '1e-6'"),
         (dict(rms_norm_eps=float("inf")), "rms_norm_eps must be a finite number > 0, got inf"),
         (dict(norm_topk_prob="no"), "norm_topk_prob must be True or False, got 'no'"),
-        (dict(remat="yes"), "remat must be True or False"),
+        (dict(remat="yes"), "remat must be one of ('none', 'full', 'minimal', 'save_dots')"),
         (dict(n_shared_experts=True), "n_shared_experts must be a non-negative int"),
         (dict(rope_scaling={"type": "yarn", "factor": 4.0, "mscale": "1"}), "rope_scaling.mscale"),
         (dict(rope_scaling={"type": "yarn", "factor": -4.0}), "rope_scaling.factor must be"),

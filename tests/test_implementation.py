@@ -24,7 +24,7 @@ GOLDEN = GOLDENS / "a_qlora_yarn_sharded_mtp"  # q_lora, YaRN, MTP, sharded
 SWITCHES = {
     "dtype": "bfloat16",
     "param_dtype": "bfloat16",
-    "remat": True,
+    "remat": "full",  # (True is accepted and stored as "full")
     "moe_impl": "ragged",
     "moe_dispatch": "gspmd",
     "moe_capacity_factor": 1.25,

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from test_config import TINY
@@ -79,3 +80,97 @@ def test_train_step_learns_and_updates_bias_outside_the_optimizer():
     moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b), biases, old_bias)
     for x in jax.tree.leaves(moved):  # each step moves each bias by -gamma, 0 or +gamma
         assert x.max() <= 30 * 1e-3 + 1e-6 and x.max() > 0
+
+
+def _step(model, tokens, weights, microbatches, steps=2):
+    """``steps`` train steps with SGD + momentum: linear in the gradients, so float32 rounding
+    differences stay as small as the gradients' (AdamW's first steps divide g by |g| + eps and
+    amplify the rounding of near-zero gradients)."""
+    graphdef, params, biases = train_lib.split_model(model)
+    params, biases = jax.tree.map(jnp.copy, (params, biases))  # train_step donates them
+    tx = optax.sgd(0.5, momentum=0.9)
+    opt_state = tx.init(params)
+    for _ in range(steps):
+        params, biases, opt_state, m = train_lib.train_step(
+            graphdef, tx, weights, params, biases, opt_state, tokens, microbatches=microbatches
+        )
+    return jax.tree.map(np.asarray, (params, biases, opt_state, m))
+
+
+def _assert_trees_close(a, b, tol=1e-6):
+    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_allclose(y, x, rtol=tol, atol=tol)
+
+
+def test_gradient_accumulation_equals_the_whole_batch_step():
+    # Reference: the whole batch at once (microbatches=1: one value_and_grad, no scan).
+    model = tiny_model(num_nextn_predict_layers=1)
+    graphdef, params, biases = train_lib.split_model(model)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (8, 13)), jnp.int32)
+    weights = train_lib.LossWeights(0.3, 1e-2, 1e-2)
+    grads = jax.jit(train_lib._accumulated_grads, static_argnums=(2, 5))
+    whole_grads, micro_grads = (grads(params, biases, graphdef, tokens, weights, m) for m in (1, 4))
+    _assert_trees_close(whole_grads, micro_grads)  # loss, metrics (loads summed), gradients
+    assert float(micro_grads[0][1]["main_load"].sum()) == 2 * 8 * 12 * 2  # layers, b, s, k
+    whole, micro = _step(model, tokens, weights, 1), _step(model, tokens, weights, 4)
+    _assert_trees_close(whole, micro)  # params, biases, optimizer state, metrics after 2 steps
+    bias = max(np.abs(x).max() for x in jax.tree.leaves(whole[1]))
+    assert bias == pytest.approx(2e-2)  # moved once per step, by gamma
+
+
+def test_microbatches_must_divide_the_batch():
+    model = tiny_model()
+    tokens = jnp.zeros((6, 9), jnp.int32)
+    with pytest.raises(ValueError, match="microbatches=4"):
+        _step(model, tokens, train_lib.LossWeights(), 4, steps=1)
+
+
+def test_loss_weights_are_traced_a_schedule_does_not_recompile():
+    model = tiny_model()
+    graphdef, params, biases = train_lib.split_model(model)
+    tx = train_lib.make_optimizer(1e-3, mask=train_lib.decay_mask(params))
+    opt_state = tx.init(params)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 9)), jnp.int32)
+    before = train_lib.train_step._cache_size()
+    for gamma in (1e-3, 0.0):
+        old = jax.tree.map(np.array, biases)
+        params, biases, opt_state, _ = train_lib.train_step(
+            graphdef, tx, train_lib.LossWeights(0.3 - gamma * 100, 1e-4, gamma), params, biases,
+            opt_state, tokens,
+        )  # fmt: skip
+        new = jax.tree.leaves(biases)
+        moved = max(
+            np.abs(np.asarray(a) - b).max() for a, b in zip(new, jax.tree.leaves(old), strict=True)
+        )
+        assert moved == pytest.approx(gamma)  # gamma 0 (the final stretch): the bias stays
+    assert train_lib.train_step._cache_size() == before + 1
+
+
+def test_final_stretch_schedules():
+    # lambda 0.3 then 0.1 for the last quarter; gamma 1e-3 then 0 for the last 10%.
+    lam = [train_lib.final_stretch_value(i, 0.3, 0.1, 0.25, 100) for i in range(100)]
+    assert lam[:75] == [0.3] * 75 and lam[75:] == [0.1] * 25
+    gam = [train_lib.final_stretch_value(i, 1e-3, 0.0, 0.1, 100) for i in range(100)]
+    assert gam.count(0.0) == 10 and gam[89] == 1e-3
+    assert {train_lib.final_stretch_value(i, 0.3, 0.1, 0.0, 10) for i in range(10)} == {0.3}
+
+
+def test_batch_size_ramp_steps_up_in_a_few_sizes():
+    stages = train_lib.batch_size_stages(16, 4, ramp_steps=30, stages=3, unit=4)
+    assert stages == ((0, 4), (10, 8), (20, 12), (30, 16))
+    sizes = [train_lib.batch_size_at(stages, i) for i in range(40)]
+    assert sizes[:10] == [4] * 10 and sizes[10:20] == [8] * 10 and sizes[30:] == [16] * 10
+    # rows rounded down to the unit (e.g. 2 micro-batches x 2 batch shards)
+    assert train_lib.batch_size_stages(24, 4, 8, 4, unit=4) == (
+        (0, 4),
+        (2, 8),
+        (4, 12),
+        (6, 16),
+        (8, 24),
+    )
+    assert train_lib.batch_size_stages(16, 0, 30, 3) == ((0, 16),)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        train_lib.batch_size_stages(16, 6, 30, 3, unit=4)
