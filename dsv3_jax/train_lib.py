@@ -22,7 +22,7 @@ from flax import nnx
 
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.moe import ExpertBias, update_expert_bias
-from dsv3_jax.sharding import constrain_tree
+from dsv3_jax.sharding import constrain, constrain_tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +203,10 @@ def train_step(
 ):
     """One optimizer step. Returns (params, biases, opt_state, metrics).
 
+    ``metrics``: scalars loss, ce, mtp_ce (with MTP), balance, dropped, grad_norm,
+    load_max_over_mean, finite; and the step's expert loads (routed assignments per expert over
+    the global batch, float32): ``main_load`` [l, e] (the MoE layers) and ``mtp_loads`` [D, e].
+
     ``metrics["finite"]`` (bool scalar) says whether the loss and the gradient norm are finite. With
     ``skip_nonfinite`` a non-finite step changes nothing: params, biases and optimizer state (its
     step count included) come back as they went in.
@@ -239,6 +243,10 @@ def train_step(
     }
     if "mtp_ce" in metrics:
         out["mtp_ce"] = metrics["mtp_ce"]
+    # Expert loads for the run's log, replicated (every process can read them at a log point).
+    out["main_load"] = constrain(load, (None,) * load.ndim)  # [l, e]
+    if "mtp_loads" in metrics:
+        out["mtp_loads"] = constrain(metrics["mtp_loads"], (None, None))  # [D, e]
     return params, biases, opt_state, out
 
 
