@@ -344,6 +344,10 @@ def train_step(
     gradients, the metrics and the expert loads of the bias update (which moves once, with the
     summed loads) are those of the whole batch (V3 section 2.1.2: loads over the global batch).
 
+    ``metrics``: scalars loss, ce, mtp_ce (with MTP), balance, dropped, grad_norm,
+    load_max_over_mean, finite; and the step's expert loads (routed assignments per expert over
+    the global batch, float32): ``main_load`` [l, e] (the MoE layers) and ``mtp_loads`` [D, e].
+
     ``metrics["finite"]`` (bool scalar) says whether the loss and the gradient norm are finite. With
     ``skip_nonfinite`` a non-finite step changes nothing: params, biases and optimizer state (its
     step count included) come back as they went in.
@@ -384,6 +388,10 @@ def train_step(
     }
     if "mtp_ce" in metrics:
         out["mtp_ce"] = metrics["mtp_ce"]
+    # Expert loads for the run's log, replicated (every process can read them at a log point).
+    out["main_load"] = constrain(load, (None,) * load.ndim)  # [l, e]
+    if "mtp_loads" in metrics:
+        out["mtp_loads"] = constrain(metrics["mtp_loads"], (None, None))  # [D, e]
     return params, biases, opt_state, out
 
 

@@ -577,6 +577,7 @@ def _train_loop(
             json.dump({"model_config": mcfg.to_dict(), "run_config": cfg.to_dict()}, f, indent=1)
 
     writer = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10) if primary else _NoWriter()
+    history = MetricsLog(workdir, step, schedule) if primary else None
     metrics, last = {}, time.time()
     start_step = last_step = step
     # Non-finite steps are counted on the device and read at the log/eval/save points, which
@@ -600,6 +601,8 @@ def _train_loop(
         tokens_seen += rows * cfg.data.seq_len
         tracker = train_lib.track_nonfinite(tracker, metrics, step, max_skips)
         del metrics["finite"]
+        if history is not None:
+            history.add(step, metrics)
         metrics.update(
             batch_size=rows, mtp_lambda=weights.mtp_lambda, bias_gamma=weights.bias_gamma
         )  # logged with the lr at the log points
@@ -612,11 +615,15 @@ def _train_loop(
         if log_now or eval_now or save_now:
             skipped = _check_nonfinite(tracker, skipped, step, t, manager, writer)
         if log_now:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics = {
+                k: float(v) for k, v in jax.device_get(metrics).items() if k not in LOAD_KEYS
+            }
             now = time.time()
             steps_done, last_step = step - last_step, step
             first = step == start_step + 1
-            if not first:  # the first step's time is mostly compilation: no throughput
+            if first:  # the first step's time is mostly compilation: no throughput, no ETA
+                clock = (step, now)
+            else:
                 metrics["tokens_per_s"] = steps_done * tokens_per_step / max(now - last, 1e-9)
             metrics["lr"] = float(schedule(step - 1))
             last = now
@@ -629,6 +636,7 @@ def _train_loop(
             parts.append(f"expert load max/mean {metrics['load_max_over_mean']:.2f}")
             if metrics["dropped"] or mcfg.moe_capacity_factor is not None:
                 parts.append(f"dropped {metrics['dropped']:.0f} assignments")
+            parts.append(_progress(step, t.steps, clock, now))
             log.info(" | ".join(parts))
             for k, v in metrics.items():
                 writer.add_scalar(f"train/{k}", v, step)
@@ -637,6 +645,11 @@ def _train_loop(
             log.info("step %d | validation loss %.4f nats/token", step, metrics["val_loss"])
             writer.add_scalar("val/loss", metrics["val_loss"], step)
             last = time.time()
+        if history is not None and (log_now or eval_now or save_now):
+            history.flush(
+                tokens_per_s=metrics.get("tokens_per_s") if log_now else None,
+                val_loss=metrics["val_loss"] if eval_now else None,
+            )
         if save_now:
             if not train_lib.all_finite((params, biases, opt_state)):
                 writer.close()
@@ -665,6 +678,91 @@ def _train_loop(
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(_json_safe(metrics), f, indent=1, allow_nan=False)
     return metrics
+
+
+LOAD_KEYS = ("main_load", "mtp_loads")  # train_step's array metrics: in metrics.jsonl only
+
+
+class MetricsLog:
+    """The run's per-step log ``<workdir>/metrics.jsonl`` (process 0 writes it).
+
+    One JSON object a line, one line per optimizer step, in step order: ``step``; the train
+    step's scalars ``loss``, ``ce``, ``mtp_ce`` (with MTP), ``balance``, ``dropped``,
+    ``grad_norm``, ``load_max_over_mean``; ``lr`` (the step's learning rate); ``expert_load``
+    [MoE layer][expert] and, with MTP, ``mtp_expert_load`` [depth][expert]: the step's routed
+    assignments per expert over the global batch (integers); at log points ``tokens_per_s``
+    (mean since the previous log point; not on a run's first step, mostly compilation); at
+    evaluations ``val_loss``. Non-finite values are written as null.
+
+    The step's device arrays are kept (no host sync) and written at the next log, eval or save
+    point. A run resumed at step ``n`` first drops the lines after step ``n`` (a run stopped
+    after its last checkpoint logged them) and any line cut short, so the file holds each step
+    once.
+    """
+
+    def __init__(self, workdir: str, start_step: int, schedule):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.schedule = schedule
+        self.pending: list[tuple[int, dict]] = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.readlines()
+            keep = [x for x in lines if _logged_step(x) <= start_step]
+            if keep != lines:
+                with open(self.path, "w") as f:
+                    f.writelines(keep)
+
+    def add(self, step: int, metrics: dict) -> None:
+        """Keeps the step's train_step metrics (device arrays) for the next :meth:`flush`."""
+        self.pending.append((step, dict(metrics)))
+
+    def flush(self, tokens_per_s: float | None = None, val_loss: float | None = None) -> None:
+        """Writes the kept steps; ``tokens_per_s`` and ``val_loss`` belong to the last one."""
+        if not self.pending:
+            return
+        steps = [s for s, _ in self.pending]
+        values = jax.device_get([m for _, m in self.pending])
+        lrs = np.asarray(self.schedule(np.asarray(steps) - 1), np.float64)
+        lines = []
+        for step, lr, m in zip(steps, lrs, values, strict=True):
+            rec = {"step": step}
+            rec.update({k: float(v) for k, v in m.items() if k not in LOAD_KEYS})
+            rec["lr"] = float(lr)
+            load = np.asarray(m["main_load"])
+            rec["expert_load"] = load.astype(np.int64).tolist() if load.ndim == 2 else []
+            if "mtp_loads" in m:
+                rec["mtp_expert_load"] = np.asarray(m["mtp_loads"]).astype(np.int64).tolist()
+            lines.append(rec)
+        if tokens_per_s is not None:
+            lines[-1]["tokens_per_s"] = tokens_per_s
+        if val_loss is not None:
+            lines[-1]["val_loss"] = val_loss
+        with open(self.path, "a") as f:
+            for rec in lines:
+                f.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
+        self.pending = []
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line cut short (a run killed writing it)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _progress(step: int, total: int, clock: tuple[int, float], now: float) -> str:
+    """'33% of 360, ETA 4m10s': the remaining steps at the mean step time since ``clock``
+    (step, time) of the run's first step (its compilation is left out)."""
+    done = f"{100 * step / total:.0f}% of {total}"
+    first, since = clock
+    if step <= first:
+        return done
+    left = (total - step) * (now - since) / (step - first)
+    minutes, seconds = divmod(round(left), 60)
+    hours, minutes = divmod(minutes, 60)
+    eta = f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+    return f"{done}, ETA {eta}"
 
 
 class _NoWriter:
