@@ -601,11 +601,11 @@ def _train_loop(
         tokens_seen += rows * cfg.data.seq_len
         tracker = train_lib.track_nonfinite(tracker, metrics, step, max_skips)
         del metrics["finite"]
-        if history is not None:
-            history.add(step, metrics)
         metrics.update(
             batch_size=rows, mtp_lambda=weights.mtp_lambda, bias_gamma=weights.bias_gamma
         )  # logged with the lr at the log points
+        if history is not None:
+            history.add(step, metrics)
         log_now = step % t.log_every == 0 or step == t.steps or step == start_step + 1
         eval_now = step % t.eval_every == 0 or step == t.steps
         save_now = step % t.save_every == 0 or step == t.steps
