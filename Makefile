@@ -24,6 +24,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 demo: $(VENV)/.installed
 	$(PY) train.py --config=configs/shakespeare.py --workdir=$(WORKDIR) $(if $(STEPS),--config.train.steps=$(STEPS))
+	$(PY) -m dsv3_jax.plot --workdir=$(WORKDIR)
 	$(PY) sample.py --workdir=$(WORKDIR) --prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 --top_k=50
 
 test: $(VENV)/.installed
