@@ -5,7 +5,9 @@ python -m dsv3_jax.plot --workdir=runs/shakespeare [--out=DIR]   (DIR defaults t
 
 Writes three PNGs:
   training.png       train loss (total and main CE) with the validation loss, the MTP CE, the
-                     learning rate, the gradient norm, tokens/s, max/mean expert load per MoE layer
+                     schedules (learning rate; MTP weight lambda and 1000 x bias update speed
+                     gamma on a second axis; the batch size when it ramps), the gradient norm,
+                     tokens/s, max/mean expert load per MoE layer
   expert_load.png    one heatmap per MoE layer (MTP layers too): experts x steps, each expert's
                      load over the mean load of its layer (1 = balanced)
   load_balance.png   max/mean expert load per MoE layer over steps, and its running mean
@@ -23,7 +25,18 @@ import sys
 
 import numpy as np
 
-SCALARS = ("loss", "ce", "mtp_ce", "val_loss", "lr", "grad_norm", "tokens_per_s")
+SCALARS = (
+    "loss",
+    "ce",
+    "mtp_ce",
+    "val_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mtp_lambda",
+    "bias_gamma",
+    "batch_size",
+)
 FILES = ("training.png", "expert_load.png", "load_balance.png")
 
 
@@ -131,7 +144,7 @@ def figures(workdir: str) -> dict:
     panels = [
         ("loss (nats/token)", [("loss", "train loss"), ("ce", "train CE"), ("val_loss", "val")]),
         ("MTP CE (nats/token)", [("mtp_ce", "MTP CE")]),
-        ("learning rate", [("lr", "lr")]),
+        ("schedules", [("lr", "lr")]),
         ("gradient norm (before clipping)", [("grad_norm", "grad norm")]),
         ("tokens/s", [("tokens_per_s", "tokens/s")]),
     ]
@@ -144,6 +157,7 @@ def figures(workdir: str) -> dict:
         ax.set_xlabel("step")
         if len(lines) > 1:
             ax.legend()
+    _schedules(axes.flat[2], s)
     ax = axes.flat[5]
     for name, ratio in zip(names, max_over_mean(loads), strict=True):
         ax.plot(steps, ratio, label=name, linewidth=0.8)
@@ -193,6 +207,24 @@ def figures(workdir: str) -> dict:
         ax.legend()
     out["load_balance.png"] = fig
     return out
+
+
+def _schedules(ax, s: dict) -> None:
+    """The report's step schedules beside the learning rate (V3 section 4.2) on a second axis:
+    lambda as logged, gamma x 1000 (so the report's 0.001 reads 1), the batch size over its
+    final value if it changes."""
+    twin, drawn = ax.twinx(), []
+    if "mtp_lambda" in s:
+        drawn += twin.plot(*s["mtp_lambda"], color="C1", linestyle="--", label="MTP lambda")
+    if "bias_gamma" in s:
+        steps, gamma = s["bias_gamma"]
+        drawn += twin.plot(steps, gamma * 1000, color="C2", linestyle=":", label="gamma x 1000")
+    if "batch_size" in s and len(np.unique(s["batch_size"][1])) > 1:
+        steps, rows = s["batch_size"]
+        drawn += twin.plot(steps, rows / rows[-1], color="C3", label="batch / final batch")
+    twin.set_ylim(bottom=0)
+    lines = ax.get_lines() + drawn
+    ax.legend(lines, [x.get_label() for x in lines], loc="center right")
 
 
 def plot_run(workdir: str, out: str | None = None) -> list[str]:

@@ -98,6 +98,12 @@ def test_plot_draws_the_logged_values(tiny_run, tmp_path):
         rows = [(r["step"], r[key]) for r in log if key in r]
         np.testing.assert_array_equal(drawn[label][0], [s for s, _ in rows])
         np.testing.assert_array_equal(drawn[label][1], [v for _, v in rows])
+    for label, key, scale in [
+        ("MTP lambda", "mtp_lambda", 1),
+        ("gamma x 1000", "bias_gamma", 1000),
+    ]:
+        np.testing.assert_array_equal(drawn[label][0], [r["step"] for r in log])
+        np.testing.assert_allclose(drawn[label][1], [scale * r[key] for r in log], rtol=1e-12)
     steps = [r["step"] for r in log]
     loads = np.asarray([r["expert_load"] + r["mtp_expert_load"] for r in log], float)  # [n, l, e]
     ratios = loads.max(-1) / loads.mean(-1)  # [n, l]
