@@ -174,3 +174,31 @@ def test_batch_size_ramp_steps_up_in_a_few_sizes():
     assert train_lib.batch_size_stages(16, 0, 30, 3) == ((0, 16),)
     with pytest.raises(ValueError, match="multiple of 4"):
         train_lib.batch_size_stages(16, 6, 30, 3, unit=4)
+
+
+def test_fused_cross_entropy_and_its_gradient_equal_float64_numpy():
+    """token_nll's value and custom backward against float64 log-softmax, with large logits (the
+    logsumexp must be shifted), a masked position and a vocabulary not a multiple of 8."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 5, 37)) * 4.0
+    logits[0, 1] += 80.0  # exp would overflow float32 without the shift
+    targets = rng.integers(0, 37, size=(2, 5))
+    mask = np.ones((2, 5))
+    mask[1, 3] = 0.0
+    weights = rng.normal(size=(2, 5))  # an arbitrary cotangent per token
+
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))  # float64
+    nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    onehot = np.eye(37)[targets]
+    grad = (np.exp(log_probs) - onehot) * (weights * mask)[..., None]  # d/dlogits sum(w m nll)
+
+    x, t, m = (jnp.asarray(a, jnp.float32) for a in (logits, targets, mask))
+    t = t.astype(jnp.int32)
+    np.testing.assert_allclose(train_lib.token_nll(x, t), nll, rtol=2e-6, atol=2e-6)
+    total, count = train_lib.cross_entropy(x, t, m)
+    np.testing.assert_allclose(total, (nll * mask).sum(), rtol=2e-6)
+    assert float(count) == mask.sum()
+    w = jnp.asarray(weights, jnp.float32)
+    got = jax.grad(lambda x: (train_lib.token_nll(x, t) * w * m).sum())(x)
+    np.testing.assert_allclose(got, grad, rtol=1e-5, atol=1e-6)
