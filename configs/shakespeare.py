@@ -80,7 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
             microbatches=1,
             # Batch-size ramp (report 4.2: 3,072 -> 15,360 sequences over the first 469B tokens):
             # from batch_size_ramp_start rows at step 0 up to batch_size at batch_size_ramp_steps,
-            # in batch_size_ramp_stages sizes (one compile each). 0: no ramp.
+            # in batch_size_ramp_stages equal spans of steps, then batch_size (at most stages + 1
+            # sizes, each rounded to micro-batches x batch shards; one compile each). 0: no ramp.
+            # The demo has none: each size's compile would cost seconds of its budget.
             batch_size_ramp_start=0,
             batch_size_ramp_steps=0,
             batch_size_ramp_stages=4,

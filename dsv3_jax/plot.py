@@ -3,7 +3,7 @@
 
 python -m dsv3_jax.plot --workdir=runs/shakespeare [--out=DIR]   (DIR defaults to <workdir>/plots)
 
-Writes three PNGs:
+Writes three PNGs (the two expert figures only for a run whose log holds expert loads):
   training.png       train loss (total and main CE) with the validation loss, the MTP CE, the
                      schedules (learning rate; MTP weight lambda and 1000 x bias update speed
                      gamma on a second axis; the batch size when it ramps), the gradient norm,
@@ -112,6 +112,8 @@ def expert_loads(records: list[dict], first_moe_layer: int = 0):
 
 def max_over_mean(loads: np.ndarray) -> np.ndarray:
     """Max over the experts of load / mean load: loads [..., e] -> [...] (1 = balanced)."""
+    if not loads.size:  # no MoE layer logged
+        return np.zeros(loads.shape[:-1])
     return loads.max(-1) / loads.mean(-1)
 
 
@@ -166,7 +168,11 @@ def figures(workdir: str) -> dict:
     ax.set_xlabel("step")
     if names:
         ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no routed experts logged", ha="center", transform=ax.transAxes)
     out = {"training.png": fig}
+    if not names:  # a dense model (or a log without loads): no expert figures
+        return out
 
     n = max(len(names), 1)
     fig, axes = plt.subplots(
@@ -227,18 +233,33 @@ def _schedules(ax, s: dict) -> None:
     ax.legend(lines, [x.get_label() for x in lines], loc="center right")
 
 
+class OutputError(OSError):
+    """The plots cannot be written to the output folder."""
+
+
 def plot_run(workdir: str, out: str | None = None) -> list[str]:
-    """Writes :data:`FILES` into ``out`` (default ``<workdir>/plots``); returns their paths."""
+    """Writes :data:`FILES` into ``out`` (default ``<workdir>/plots``; the two expert figures
+    only when the log holds expert loads); returns their paths.
+
+    Raises:
+      NoLogError: nothing logged in ``workdir``.
+      OutputError: ``out`` cannot be created or written.
+    """
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     out = out or os.path.join(workdir, "plots")
     figs = figures(workdir)
-    os.makedirs(out, exist_ok=True)
     paths = []
-    for name, fig in figs.items():
-        paths.append(os.path.join(out, name))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name, fig in figs.items():
+            paths.append(os.path.join(out, name))
+            fig.savefig(paths[-1], dpi=110)
+    except OSError as err:
+        raise OutputError(f"--out {out}: cannot write the plots there ({err})") from err
+    finally:
+        for fig in figs.values():
+            plt.close(fig)
     return paths
 
 
@@ -251,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = plot_run(args.workdir, args.out)
-    except NoLogError as err:
+    except (NoLogError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for p in paths:

@@ -267,6 +267,12 @@ def check_run_config(cfg, workdir: str) -> None:
             f"config.train.batch_size_ramp_start={t.batch_size_ramp_start} must be <= "
             f"config.train.batch_size={t.batch_size} (the size the ramp ends at)"
         )
+    if t.get("batch_size_ramp_start", 0) and t.get("batch_size_ramp_steps", 0) > t.steps:
+        raise RunConfigError(
+            f"config.train.batch_size_ramp_steps={t.batch_size_ramp_steps} must be <= "
+            f"config.train.steps={t.steps}: the ramp would never reach "
+            f"config.train.batch_size={t.batch_size}"
+        )
     for name in ("b1", "b2"):
         if not 0 <= t[name] < 1:
             raise RunConfigError(f"config.train.{name} must be in [0, 1), got {t[name]!r}")
@@ -527,11 +533,14 @@ def _train_loop(
     t = cfg.train
     primary = jax.process_index() == 0  # writes the logs, config.json, metrics, TensorBoard
     run_config = {"data": cfg.data.to_dict(), "train": cfg.train.to_dict()}
+    # The batch size of every step as this run resolves it (the ramp's sizes are rounded to
+    # micro-batches x batch shards): a resumed run must see the same, or its data would shift.
+    batch_sizes = [[int(first), int(rows)] for first, rows in schedules.ramp]
     meta = checkpoint.meta_for(
         mcfg,
         None if vocab is None else vocab.original_ids,
         model.num_mtp,
-        {"run_config": run_config},
+        {"run_config": run_config, "batch_sizes": batch_sizes},
     )
     graphdef, params, biases = train_lib.split_model(model)
     step = manager.latest_step() or 0
@@ -548,6 +557,7 @@ def _train_loop(
                 "use a new --workdir or the saved config"
             )
         _check_processes(workdir, step)
+        _check_same_batches(saved, t, batch_sizes, workdir)
         model_state, opt_state = checkpoint.restore_training(
             manager, step, nnx.state(model), opt_state, data_iter
         )
@@ -563,7 +573,6 @@ def _train_loop(
         graphdef, params, biases = train_lib.split_model(model)
         log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), step)
         changed = _changes(saved.get("run_config", {}), run_config)
-        _check_same_batches(saved.get("run_config", {}).get("train", {}), t, workdir)
         if changed:
             log.warning(
                 "resuming with changed settings (saved -> now): %s%s",
@@ -590,15 +599,28 @@ def _train_loop(
             "batches than of the final ones; use a mesh whose batch axes follow the processes"
         )
     tokens_seen = last_tokens = 0
+    # The first step of each later batch size compiles the step again: it is timed apart (a host
+    # sync before and after it, a few times a run) and left out of tokens/s and the ETA, as the
+    # run's first step is. paused = [steps, tokens, seconds] so left out.
+    compiled, paused, logged_pause = {schedules.batch_size(step)}, [0, 0, 0.0], [0, 0, 0.0]
     while step < t.steps:
         rows, weights = schedules.batch_size(step), schedules.weights(step)
         batch = feeds[rows].put(next(data_iter))  # [b, s + 1] over the batch axes
+        recompile = rows not in compiled
+        if recompile:
+            compiled.add(rows)
+            jax.block_until_ready(params)
+            began = time.time()
         params, biases, opt_state, metrics = train_lib.train_step(
             graphdef, tx, weights, params, biases, opt_state, batch,
             skip_nonfinite=skip_nonfinite, microbatches=schedules.microbatches,
         )  # fmt: skip
         step += 1
         tokens_seen += rows * cfg.data.seq_len
+        if recompile:
+            jax.block_until_ready(metrics["loss"])
+            paused = [paused[0] + 1, paused[1] + rows * cfg.data.seq_len,
+                      paused[2] + time.time() - began]  # fmt: skip
         tracker = train_lib.track_nonfinite(tracker, metrics, step, max_skips)
         del metrics["finite"]
         metrics.update(
@@ -609,9 +631,10 @@ def _train_loop(
         log_now = step % t.log_every == 0 or step == t.steps or step == start_step + 1
         eval_now = step % t.eval_every == 0 or step == t.steps
         save_now = step % t.save_every == 0 or step == t.steps
-        if log_now:  # mean tokens per step since the last log (the batch size ramps)
-            tokens_per_step = (tokens_seen - last_tokens) / max(step - last_step, 1)
-            last_tokens = tokens_seen
+        if log_now:  # tokens and seconds since the last log, without a new size's compile
+            new_pause = [a - b for a, b in zip(paused, logged_pause, strict=True)]
+            tokens_since = tokens_seen - last_tokens - new_pause[1]
+            last_tokens, logged_pause = tokens_seen, list(paused)
         if log_now or eval_now or save_now:
             skipped = _check_nonfinite(tracker, skipped, step, t, manager, writer)
         if log_now:
@@ -619,12 +642,12 @@ def _train_loop(
                 k: float(v) for k, v in jax.device_get(metrics).items() if k not in LOAD_KEYS
             }
             now = time.time()
-            steps_done, last_step = step - last_step, step
+            steps_done, last_step = step - last_step - new_pause[0], step
             first = step == start_step + 1
             if first:  # the first step's time is mostly compilation: no throughput, no ETA
                 clock = (step, now)
-            else:
-                metrics["tokens_per_s"] = steps_done * tokens_per_step / max(now - last, 1e-9)
+            elif steps_done > 0:
+                metrics["tokens_per_s"] = tokens_since / max(now - last - new_pause[2], 1e-9)
             metrics["lr"] = float(schedule(step - 1))
             last = now
             parts = [f"step {step}", f"loss {metrics['loss']:.4f}", f"ce {metrics['ce']:.4f}"]
@@ -636,7 +659,7 @@ def _train_loop(
             parts.append(f"expert load max/mean {metrics['load_max_over_mean']:.2f}")
             if metrics["dropped"] or mcfg.moe_capacity_factor is not None:
                 parts.append(f"dropped {metrics['dropped']:.0f} assignments")
-            parts.append(_progress(step, t.steps, clock, now))
+            parts.append(_progress(step, t.steps, clock, now, paused))
             log.info(" | ".join(parts))
             for k, v in metrics.items():
                 writer.add_scalar(f"train/{k}", v, step)
@@ -728,6 +751,8 @@ class MetricsLog:
             rec = {"step": step}
             rec.update({k: float(v) for k, v in m.items() if k not in LOAD_KEYS})
             rec["lr"] = float(lr)
+            if "batch_size" in rec:
+                rec["batch_size"] = int(rec["batch_size"])
             load = np.asarray(m["main_load"])
             rec["expert_load"] = load.astype(np.int64).tolist() if load.ndim == 2 else []
             if "mtp_loads" in m:
@@ -751,14 +776,18 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-def _progress(step: int, total: int, clock: tuple[int, float], now: float) -> str:
+def _progress(
+    step: int, total: int, clock: tuple[int, float], now: float, paused=(0, 0, 0.0)
+) -> str:
     """'33% of 360, ETA 4m10s': the remaining steps at the mean step time since ``clock``
-    (step, time) of the run's first step (its compilation is left out)."""
+    (step, time) of the run's first step (its compilation is left out), without the ``paused``
+    (steps, tokens, seconds) of later batch sizes' first steps (their compilation)."""
     done = f"{100 * step / total:.0f}% of {total}"
     first, since = clock
-    if step <= first:
+    steps = step - first - paused[0]
+    if steps <= 0:
         return done
-    left = (total - step) * (now - since) / (step - first)
+    left = (total - step) * max(now - since - paused[2], 0.0) / steps
     minutes, seconds = divmod(round(left), 60)
     hours, minutes = divmod(minutes, 60)
     eta = f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
@@ -779,14 +808,30 @@ _BATCH_FIELDS = {"batch_size": None, "batch_size_ramp_start": 0, "batch_size_ram
                  "batch_size_ramp_stages": 4}  # fmt: skip
 
 
-def _check_same_batches(saved_train: dict, t, workdir: str) -> None:
+def _check_same_batches(saved: dict, t, batch_sizes: list, workdir: str) -> None:
     """Raises RunConfigError if a resumed run changes its batch sizes: the data iterator's saved
-    position counts steps, and step j's windows follow from the batch sizes of steps 0 .. j."""
+    position counts steps, and step j's windows follow from the batch sizes of steps 0 .. j.
+
+    ``saved``: the checkpoint's metadata; ``batch_sizes``: this run's [[first step, rows], ...]
+    (train_lib.batch_size_stages), which also depend on train.microbatches and the mesh's batch
+    shards (the ramp's sizes are rounded to their product).
+    """
+    saved_train = saved.get("run_config", {}).get("train", {})
     diff = {
         f"train.{k}": (saved_train.get(k, default), t.get(k, default))
         for k, default in _BATCH_FIELDS.items()
         if saved_train and saved_train.get(k, default) != t.get(k, default)
     }
+    saved_sizes = saved.get("batch_sizes")
+    if not diff and saved_sizes is not None and saved_sizes != batch_sizes:
+        micro = (saved_train.get("microbatches", 1), t.get("microbatches", 1))
+        raise RunConfigError(
+            f"{workdir} was trained with the batch sizes {saved_sizes} ([first step, rows]) and "
+            f"this run would use {batch_sizes}: the ramp's sizes are rounded to multiples of "
+            f"train.microbatches x the mesh's batch shards, and one changed (train.microbatches "
+            f"{micro[0]} -> {micro[1]}, or the devices); the data position of a resumed run "
+            "follows from them: resume with the saved settings, or use a new --workdir"
+        )
     if diff:
         raise RunConfigError(
             f"{workdir} was trained with other batch sizes (saved -> now: {diff}); the data "

@@ -170,3 +170,26 @@ def test_metrics_log_keeps_the_steps_up_to_the_resumed_one(tmp_path):
     assert log[5]["tokens_per_s"] == 123.0 and log[5]["val_loss"] is None  # NaN as null
     MetricsLog(str(tmp_path), 0, schedule)  # a fresh run in the folder starts a new log
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_plot_of_a_dense_run_and_an_unwritable_out(tmp_path, capsys):
+    """A log without expert loads (a dense model) gives the training figure alone; an --out that
+    cannot be created is a one-line error naming it."""
+    recs = [{"step": i, "loss": 3.0 - 0.1 * i, "ce": 2.9, "lr": 1e-3, "expert_load": []}
+            for i in range(1, 6)]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    figs = plot.figures(str(tmp_path))
+    assert list(figs) == ["training.png"]
+    drawn = {
+        x.get_label(): x.get_ydata() for ax in figs["training.png"].axes for x in ax.get_lines()
+    }
+    np.testing.assert_allclose(drawn["train loss"], [r["loss"] for r in recs])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert plot.main([f"--workdir={tmp_path}", f"--out={blocker / 'plots'}"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: --out {blocker / 'plots'}: cannot write") and "Traceback" not in err
+    )
+    assert plot.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["training.png"]

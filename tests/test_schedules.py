@@ -82,6 +82,13 @@ def test_scheduled_run_logs_its_schedules_and_resumes_exactly(tmp_path, cli_env)
     r = run_script([*train_args(resumed, cli_env, steps=6), *changed], cli_env)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and "train.batch_size_ramp_steps': (3, 5)" in last, last
+    # So is another micro-batch count that rounds the ramp's sizes differently (2, 4 -> 2, 3, 4),
+    # before the checkpoint is restored.
+    one = [a for a in SCHEDULED if "microbatches" not in a]
+    r = run_script([*train_args(resumed, cli_env, steps=6), *one], cli_env)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "[[0, 2], [3, 4]]" in last and "[[0, 2], [1, 3], [3, 4]]" in last
+    assert "train.microbatches 2 -> 1" in last and "resumed from" not in r.stderr, last
 
 
 @pytest.mark.parametrize(
@@ -111,6 +118,18 @@ def test_bad_schedule_settings_name_the_field(tmp_path, override, message):
         trainer.check_run_config(cfg, str(tmp_path / "run"))
 
 
+def test_a_ramp_longer_than_the_run_is_refused(tmp_path):
+    from configs import tiny
+    from dsv3_jax import trainer
+
+    cfg = tiny.get_config()
+    cfg.train.update(steps=6, batch_size=4, batch_size_ramp_start=2, batch_size_ramp_steps=100)
+    with pytest.raises(trainer.RunConfigError, match=r"batch_size_ramp_steps=100 must be <= "):
+        trainer.check_run_config(cfg, str(tmp_path / "run"))
+    cfg.train.batch_size_ramp_steps = 6
+    trainer.check_run_config(cfg, str(tmp_path / "run"))
+
+
 def test_micro_batches_must_split_over_the_mesh():
     import jax
 
@@ -125,3 +144,13 @@ def test_micro_batches_must_split_over_the_mesh():
     cfg.train.update(batch_size=16, batch_size_ramp_start=8)
     with pytest.raises(trainer.RunConfigError, match=r"batch_size_ramp_start=8 must be a multiple"):
         trainer.check_batches(cfg, mesh)
+
+
+def test_eta_leaves_out_the_compiles_of_new_batch_sizes():
+    from dsv3_jax import trainer
+
+    # First step logged at t=0 (step 1); at step 10, t=20 s, one later step compiled for 9 s:
+    # 8 ordinary steps in 11 s -> 1.375 s a step, 90 left -> 123.75 s.
+    assert trainer._progress(10, 100, (1, 0.0), 20.0, (1, 32, 9.0)) == "10% of 100, ETA 2m04s"
+    assert trainer._progress(10, 100, (1, 0.0), 20.0) == "10% of 100, ETA 3m20s"  # 2.22 s a step
+    assert trainer._progress(2, 100, (1, 0.0), 5.0, (1, 32, 4.0)) == "2% of 100"  # none timed yet
