@@ -132,23 +132,30 @@ def _specs(c: dict) -> dict:
     return t
 
 
+def _narrow(x: np.ndarray, dtype) -> np.ndarray:
+    """float64 -> float32 -> ``dtype``: the bytes ml_dtypes < 0.7 gave for a direct float64 cast
+    (0.7 rounds float64 once, which moves a few of them), so the checkpoint's sha256 stays the
+    golden one with either version."""
+    return x.astype(np.float32).astype(dtype)
+
+
 def tensors(seed: int = 0) -> dict[str, np.ndarray]:
     """Every tensor as stored in the files (FP8 weights + float32 ``*_scale_inv``), by name."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for name, (kind, arg) in _specs(CONFIG).items():
         if kind == "norm":
-            out[name] = (1.0 + 0.1 * rng.standard_normal(arg)).astype(BF16)
+            out[name] = _narrow(1.0 + 0.1 * rng.standard_normal(arg), BF16)
         elif kind == "embed":
-            out[name] = rng.standard_normal(arg).astype(BF16)
+            out[name] = _narrow(rng.standard_normal(arg), BF16)
         elif kind == "bf16":
-            out[name] = (0.2 * rng.standard_normal(arg)).astype(BF16)
+            out[name] = _narrow(0.2 * rng.standard_normal(arg), BF16)
         elif kind == "bias":
             out[name] = (0.2 * rng.standard_normal(arg)).astype(np.float32)
         elif kind == "copy":
             out[name] = out[arg].copy()
         else:  # fp8: values spread over the e4m3 range, a different scale in every block
-            q = np.clip(rng.standard_normal(arg) * 120.0, -448, 448).astype(FP8)
+            q = _narrow(np.clip(rng.standard_normal(arg) * 120.0, -448, 448), FP8)
             grid = (-(-arg[0] // BLOCK[0]), -(-arg[1] // BLOCK[1]))
             out[name] = q
             # scale ~ 0.2 / 120 per element std, times a per-block factor in [0.5, 2]
