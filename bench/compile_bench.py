@@ -22,7 +22,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -48,24 +47,11 @@ def v3_structure(num_hidden_layers: int = 61, hidden: int = 64, **kw) -> ModelCo
     return ModelConfig(**{**fields, **kw})
 
 
-def lowered_train_step(config: ModelConfig, batch: int, seq_len: int):
-    """``train_step`` lowered for one device on abstract inputs, int32 tokens [batch, seq + 1]."""
-    with sharding.no_mesh():
-        abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0)))
-    graphdef, params, biases = train_lib.split_model(abstract)
-    tx = train_lib.make_optimizer(1e-4, mask=train_lib.decay_mask(params))
-    opt_state = jax.eval_shape(tx.init, params)
-    tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
-    return train_lib.train_step.lower(
-        graphdef, tx, train_lib.LossWeights(), params, biases, opt_state, tokens
-    )
-
-
 def compile_seconds(config: ModelConfig, batch: int, seq_len: int) -> tuple[float, float, float]:
     """(lower, compile) wall seconds and the compile's CPU seconds (this process, all threads:
     the figure that shared cores do not inflate) of the train step (caches off: a cold compile)."""
     start = time.perf_counter()
-    lowered = lowered_train_step(config, batch, seq_len)
+    lowered = train_lib.lower_train_step(config, batch, seq_len)
     mid, cpu = time.perf_counter(), time.process_time()
     lowered.compile()
     return mid - start, time.perf_counter() - mid, time.process_time() - cpu
@@ -74,7 +60,7 @@ def compile_seconds(config: ModelConfig, batch: int, seq_len: int) -> tuple[floa
 def remat_temp_bytes(config: ModelConfig, batch: int, seq_len: int) -> dict[str, int]:
     """XLA temp bytes of the compiled train step for each ModelConfig.remat policy."""
     return {
-        name: lowered_train_step(config.replace(remat=name), batch, seq_len)
+        name: train_lib.lower_train_step(config.replace(remat=name), batch, seq_len)
         .compile()
         .memory_analysis()
         .temp_size_in_bytes

@@ -288,17 +288,8 @@ def _temp_bytes(config: ModelConfig, batch: int, seq_len: int) -> int:
     """temp_size_in_bytes of train_step compiled for one device, int32 tokens [batch, seq_len + 1]
     (abstract inputs: nothing is allocated)."""
     from dsv3_jax import train_lib  # noqa: PLC0415 (train_lib imports optax: only when measuring)
-    from dsv3_jax.model import DeepseekV3  # noqa: PLC0415
 
-    with sharding.no_mesh():
-        abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0)))
-    graphdef, params, biases = train_lib.split_model(abstract)
-    tx = train_lib.make_optimizer(1e-4, mask=train_lib.decay_mask(params))
-    opt_state = jax.eval_shape(tx.init, params)
-    tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
-    compiled = train_lib.train_step.lower(
-        graphdef, tx, train_lib.LossWeights(), params, biases, opt_state, tokens
-    ).compile()
+    compiled = train_lib.lower_train_step(config, batch, seq_len).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 

@@ -22,7 +22,7 @@ from flax import nnx
 
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.moe import ExpertBias, update_expert_bias
-from dsv3_jax.sharding import constrain, constrain_tree
+from dsv3_jax.sharding import constrain, constrain_tree, no_mesh
 
 
 @jax.tree_util.register_dataclass
@@ -448,3 +448,17 @@ def eval_step(graphdef, params, biases, tokens, mask):
     model = nnx.merge(graphdef, params, biases)
     out = model.forward(tokens[:, :-1])
     return cross_entropy(out.logits, tokens[:, 1:], mask)
+
+
+def lower_train_step(config, batch: int, seq_len: int) -> jax.stages.Lowered:
+    """:func:`train_step` lowered for one device on abstract inputs (nothing is allocated): the
+    model of ``config`` (a ModelConfig: its dtype and remat apply), AdamW with the decay mask,
+    int32 tokens [batch, seq_len + 1]. ``.compile()`` gives XLA's compile time and
+    ``memory_analysis()`` (used by dsv3_jax.plan and bench/compile_bench.py)."""
+    with no_mesh():
+        abstract = nnx.eval_shape(lambda: DeepseekV3(config, rngs=nnx.Rngs(0)))
+    graphdef, params, biases = split_model(abstract)
+    tx = make_optimizer(1e-4, mask=decay_mask(params))
+    opt_state = jax.eval_shape(tx.init, params)
+    tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
+    return train_step.lower(graphdef, tx, LossWeights(), params, biases, opt_state, tokens)

@@ -38,11 +38,13 @@ def test_every_policy_gives_the_same_loss_and_gradients():
 
 @pytest.mark.slow
 def test_full_keeps_less_than_minimal_less_than_none():
-    from compile_bench import lowered_train_step, v3_structure
+    from compile_bench import v3_structure
+
+    from dsv3_jax.train_lib import lower_train_step
 
     config = v3_structure(4, 64)  # as bench/compile_bench.py measures it
     temp = {
-        name: lowered_train_step(config.replace(remat=name), batch=8, seq_len=64)
+        name: lower_train_step(config.replace(remat=name), batch=8, seq_len=64)
         .compile()
         .memory_analysis()
         .temp_size_in_bytes
