@@ -240,17 +240,14 @@ def check_run_config(cfg, workdir: str) -> None:
     non_negative = {"train.weight_decay": t.weight_decay, "train.eps": t.eps,
                     "train.mtp_lambda": t.mtp_lambda, "train.balance_alpha": t.balance_alpha,
                     "train.bias_gamma": t.bias_gamma,
+                    "train.mtp_lambda_final": t.get("mtp_lambda_final", 0.1),
                     "train.max_consecutive_skips": t.get("max_consecutive_skips", 0)}  # fmt: skip
     for name, value in non_negative.items():
         if not (value >= 0 and math.isfinite(value)):
             raise RunConfigError(f"config.{name} must be a finite number >= 0, got {value!r}")
-    non_negative = {"train.mtp_lambda_final": t.get("mtp_lambda_final", 0.1)}
     for name in ("mtp_lambda_final_fraction", "bias_gamma_final_fraction"):
         if not 0 <= t.get(name, 0.0) <= 1:
             raise RunConfigError(f"config.train.{name} must be in [0, 1], got {t[name]!r}")
-    for name, value in non_negative.items():
-        if not (value >= 0 and math.isfinite(value)):
-            raise RunConfigError(f"config.{name} must be a finite number >= 0, got {value!r}")
     ints = {"microbatches": 1, "batch_size_ramp_start": 0, "batch_size_ramp_steps": 0,
             "batch_size_ramp_stages": 1}  # fmt: skip
     for name, least in ints.items():
